@@ -1,0 +1,71 @@
+"""The ``spiritlm-jax`` console script: one entry point, one subcommand per job.
+
+Subcommands register in ``SUBCOMMANDS`` as ``name -> "module:function"``; the module exposes
+``add_arguments(parser)`` (optional, same module) and the function takes the parsed args and returns
+an exit code. Modules import lazily so ``spiritlm-jax --help`` is instant and a subcommand's heavy
+dependencies (torch, tensorflow-datasets) load only when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name: (module, help line)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("spiritlm_jax.converters.cli", "convert original PyTorch checkpoints to our orbax format"),
+    "parity": ("spiritlm_jax.converters.parity_cli", "run a golden set made by the original code against our models"),
+    "tokenize": ("spiritlm_jax.infer.tokenize_cli", "speech files or folders -> unit strings (JSONL)"),
+    "generate": ("spiritlm_jax.infer.generate_cli", "generate text/speech from interleaved inputs"),
+    "demo": ("spiritlm_jax.infer.demo", "tiny random-weight end-to-end demo (no checkpoints needed)"),
+    "prepare": ("spiritlm_jax.train.prepare_cli", "prepare a training corpus (Apache Beam / TFDS ArrayRecord)"),
+    "train": ("spiritlm_jax.train.cli", "train or fine-tune Spirit LM"),
+    "eval": ("spiritlm_jax.infer.eval_cli", "evaluation harness"),
+}
+
+
+def _available():
+    out = {}
+    for name, (mod, help_) in SUBCOMMANDS.items():
+        spec = importlib.util.find_spec(mod) if _parent_exists(mod) else None
+        if spec is not None:
+            out[name] = (mod, help_)
+    return out
+
+
+def _parent_exists(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod.rsplit(".", 1)[0]) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spiritlm-jax",
+        description="Spirit LM in JAX/Flax: convert the original checkpoints, prove parity, tokenize, "
+        "generate, train. Run 'spiritlm-jax COMMAND --help' for each command.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (mod, help_) in _available().items():
+        m = importlib.import_module(mod)
+        sp = sub.add_parser(name, help=help_, description=(m.__doc__ or help_).strip(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        m.add_arguments(sp)
+        sp.set_defaults(_run=m.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

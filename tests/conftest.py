@@ -1,0 +1,29 @@
+"""Test setup: 8 simulated CPU devices, true-fp32 matmuls, and the golden set location.
+
+XLA_FLAGS must be set before jax is imported anywhere, so it is set here at import time.
+"""
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("SPIRITLM_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The golden set. In CI (CI=true) a missing set is a failure, never a silent skip."""
+    if not (GOLDEN / "cases").is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"golden set not found at {GOLDEN} (CI must have ../shared/golden beside the checkout)")
+        pytest.skip(f"golden set not found at {GOLDEN}; set SPIRITLM_GOLDEN")
+    return GOLDEN
