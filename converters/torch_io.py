@@ -113,6 +113,38 @@ def to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+_libc = None
+
+
+def release_pages(t) -> None:
+    """Drop a FILE-memory-mapped tensor's pages from this process's resident set (``MADV_DONTNEED``).
+
+    ``torch.load(mmap=True)`` maps the file privately and never writes to it, so the kernel simply
+    re-reads a page from the file if it is touched again: correctness is unaffected, but a converter
+    that streams tensor by tensor no longer accumulates the whole checkpoint in its RSS. Best effort:
+    a no-op where madvise is unavailable.
+    """
+    global _libc
+    import ctypes
+    import ctypes.util
+
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        st = t.untyped_storage()
+        ptr, n = st.data_ptr(), st.nbytes()
+        if n == 0:
+            return
+        start = ptr - ptr % _PAGE
+        end = ptr + n
+        end += (-end) % _PAGE
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    except Exception:  # pragma: no cover
+        pass
+
+
 def state_dict_to_numpy(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: to_numpy(v) for k, v in sd.items()}
 
@@ -164,10 +196,17 @@ def iter_hf_tensors(model_dir: str | os.PathLike, *, allow_classes: Iterable[str
             yield from _iter_safetensors(f)
         else:
             sd = torch_load(f, allow_classes=allow_classes)
+            mapped = zipfile.is_zipfile(f)  # torch_load memory-maps exactly these
             if not isinstance(sd, Mapping):
                 raise CheckpointError(f"{f}: expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
             for k in list(sd.keys()):
-                yield k, to_numpy(sd[k])
+                t = sd.pop(k)
+                yield k, to_numpy(t)
+                # The consumer has copied what it needs by now: drop the mapped pages from our RSS.
+                # (Only for file mappings: on anonymous memory MADV_DONTNEED would zero the data.)
+                if mapped:
+                    release_pages(t)
+                del t
             del sd
 
 

@@ -1,0 +1,260 @@
+"""The Llama backbone of Spirit LM as pure ``flax.linen`` modules.
+
+Math follows Hugging Face ``LlamaForCausalLM`` (what Spirit LM ships): RMSNorm computed in fp32 and cast
+back before the weight multiply; rotary embeddings in the "rotate-half" layout with cos/sin computed in
+fp32; grouped-query attention; SiLU-gated MLP; untied (or tied) LM head; logits returned in fp32.
+
+Two call paths share one module:
+
+* **full sequence** (training, scoring): ``model.apply(params, tokens, positions=…, segment_ids=…)``.
+  ``segment_ids`` (B, T) marks packed documents (attention stays inside a segment) and padding (0).
+* **cached** (prefill and decode): pass ``cache=init_cache(...)``. New tokens are written at the cache
+  slots given by ``positions`` (B, T) — per row, so a batch of prompts of different lengths decodes
+  exactly as each prompt alone (right padding; each row's next slot is its own length). A query at
+  position p attends to cache slots ≤ p; stale slots above p are never read. The updated cache is
+  returned: it is an explicit pytree, never hidden state.
+
+Parameter shapes (logical axes in brackets), per layer:
+  attn/q (embed, heads, head_dim)   attn/k, attn/v (embed, kv_heads, head_dim)   attn/o (heads, head_dim, embed)
+  mlp/gate, mlp/up (embed, mlp)     mlp/down (mlp, embed)                         *_norm/scale (norm)
+With ``scan_layers`` the per-layer params are stacked under ``layers`` with a leading [layers] axis;
+otherwise they live in ``layers_0`` … ``layers_{L-1}``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..config import LlamaConfig, dtype_of
+
+Array = jax.Array
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def _param(module: nn.Module, name: str, shape, names, init, cfg: LlamaConfig):
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype_of(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones, self.config)
+        x32 = x.astype(jnp.float32)
+        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype BEFORE multiplying by the weight (matters in bf16).
+        return scale.astype(dtype_of(self.config.dtype)) * y.astype(x.dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
+    """cos/sin tables (B, T, head_dim) for integer positions (B, T); computed in fp32 as HF does."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x (B, T, H, D); rotate-half layout: the first and second halves of D form the pairs."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, positions: Array, cache: dict | None):
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        E, H, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
+        init = nn.initializers.normal(0.02)
+        wq = _param(self, "q", (E, H, D), ("embed", "heads", "head_dim"), init, cfg).astype(dt)
+        wk = _param(self, "k", (E, K, D), ("embed", "kv_heads", "head_dim"), init, cfg).astype(dt)
+        wv = _param(self, "v", (E, K, D), ("embed", "kv_heads", "head_dim"), init, cfg).astype(dt)
+        wo = _param(self, "o", (H, D, E), ("heads", "head_dim", "embed"), init, cfg).astype(dt)
+
+        q = jnp.einsum("bte,ehd->bthd", x, wq)
+        k = jnp.einsum("bte,ekd->btkd", x, wk)
+        v = jnp.einsum("bte,ekd->btkd", x, wv)
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        if cache is not None:
+            # Write the new keys/values at each row's own slots, then attend over the whole cache.
+            start = positions[:, 0]
+            upd = jax.vmap(lambda c, u, i: lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), i, axis=0))
+            cache = {"k": upd(cache["k"], k, start), "v": upd(cache["v"], v, start)}
+            k, v = cache["k"].astype(dt), cache["v"].astype(dt)
+
+        B, T = x.shape[:2]
+        G = H // K
+        qg = q.reshape(B, T, K, G, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (D ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("bthd,hde->bte", out, wo), cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        E, I = cfg.hidden_size, cfg.intermediate_size
+        init = nn.initializers.normal(0.02)
+        gate = _param(self, "gate", (E, I), ("embed", "mlp"), init, cfg).astype(dt)
+        up = _param(self, "up", (E, I), ("embed", "mlp"), init, cfg).astype(dt)
+        down = _param(self, "down", (I, E), ("mlp", "embed"), init, cfg).astype(dt)
+        h = jax.nn.silu(x @ gate) * (x @ up)
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        return h @ down
+
+
+class Block(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, positions, cache):
+        cfg = self.config
+        h = RMSNorm(cfg.rms_norm_eps, cfg, name="attn_norm")(x)
+        a, cache = Attention(cfg, name="attn")(h, cos, sin, mask, positions, cache)
+        x = x + a
+        h = RMSNorm(cfg.rms_norm_eps, cfg, name="mlp_norm")(x)
+        x = x + MLP(cfg, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, cache
+
+
+def _remat_block(cfg: LlamaConfig):
+    if cfg.remat == "none":
+        return Block
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Llama(nn.Module):
+    """``LlamaForCausalLM``. Returns ``(logits fp32 (B, T, V), cache)``; cache is None without one."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+                 cache: Any = None, return_hidden: bool = False):
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions = positions.astype(jnp.int32)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dtype_of(cfg.param_dtype),
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                         name="embed")
+        x = embed(tokens)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        cos, sin = rope_cos_sin(positions, cfg.head_dim_, cfg.rope_theta, dt)
+
+        if cache is None:
+            idx = jnp.arange(T)
+            mask = idx[None, :, None] >= idx[None, None, :]
+            if segment_ids is not None:
+                seg = segment_ids
+                mask = mask & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+            else:
+                mask = jnp.broadcast_to(mask, (B, T, T))
+        else:
+            S = cache_length(cache)
+            mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]
+            if segment_ids is not None:
+                raise ValueError("segment_ids is for the full-sequence path; the cached path uses positions")
+
+        block = _remat_block(cfg)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, cache = scanned(cfg, name="layers")(x, cos, sin, mask, positions, cache)
+        else:
+            new = []
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else cache[i]
+                x, c = block(cfg, name=f"layers_{i}")(x, cos, sin, mask, positions, layer_cache)
+                new.append(c)
+            cache = None if cache is None else new
+
+        x = RMSNorm(cfg.rms_norm_eps, cfg, name="final_norm")(x)
+        if return_hidden:
+            return x, cache
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            w = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                       nn.initializers.normal(0.02), cfg).astype(dt)
+            logits = x @ w
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        return logits.astype(jnp.float32), cache
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
+    """An empty KV cache: stacked ``{"k","v": (L, B, S, KV, D)}`` for scanned layers, else a list of
+    per-layer dicts ``{"k","v": (B, S, KV, D)}``."""
+    dtype = dtype or dtype_of(cfg.dtype)
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim_)
+    if cfg.scan_layers:
+        z = jnp.zeros((cfg.num_hidden_layers,) + shape, dtype)
+        return {"k": z, "v": z}
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+
+
+def cache_length(cache) -> int:
+    c = cache if isinstance(cache, dict) else cache[0]
+    return c["k"].shape[-3]
+
+
+CACHE_LOGICAL = ("layers", "batch", "cache_length", "act_kv_heads", None)
+
+
+def cache_logical_axes(cfg: LlamaConfig):
+    """Logical axis names of the cache pytree (for sharding it like the activations)."""
+    if cfg.scan_layers:
+        return {"k": CACHE_LOGICAL, "v": CACHE_LOGICAL}
+    return [{"k": CACHE_LOGICAL[1:], "v": CACHE_LOGICAL[1:]} for _ in range(cfg.num_hidden_layers)]
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled params (layers_0 … layers_{L-1}) → scanned layout (``layers`` with a leading axis)."""
+    p = dict(params)
+    layers = [p.pop(f"layers_{i}") for i in range(num_layers)]
+    p["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return p
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned layout → unrolled layout."""
+    p = dict(params)
+    stacked = p.pop("layers")
+    for i in range(num_layers):
+        p[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return p
