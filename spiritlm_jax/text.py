@@ -155,6 +155,7 @@ class TextTokenizer:
         if not model_file.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {model_file} (expected a SentencePiece "
                                     f"tokenizer.model in the LM checkpoint folder)")
+        self._model_file = model_file
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(model_file.read_bytes())
