@@ -10,7 +10,8 @@ tests/test_text.py):
    and the special pieces ``<unk>``, ``<s>``, ``</s>`` are matched in the raw text first (leftmost,
    longest) and become their ids; only the text between them is BPE-encoded. So a literal ``"<s>"``
    in the text is the BOS id, as in the reference, while SentencePiece would spell it out.
-2. The dummy-prefix rule ("Metaspace, prepend_scheme=first"): spaces become ``▁`` and a ``▁`` is
+2. The dummy-prefix rule ("Metaspace, prepend_scheme=first", i.e. ``legacy`` false in
+   ``tokenizer_config.json``; ``legacy: true`` and ``add_prefix_space: false`` are honoured too): spaces become ``▁`` and a ``▁`` is
    prepended ONLY to the text segment that starts at character 0 of the input, and only if it does
    not already start with ``▁``. SentencePiece instead prepends ``▁`` to the whole string, hence
    its extra lone ``▁`` piece before a leading marker (``"[Text]The"`` → ``▁ [Text] T h e``, where
@@ -145,7 +146,7 @@ class TextTokenizer:
     """Encode/decode exactly as the reference's ``LlamaTokenizer`` (see module docstring)."""
 
     def __init__(self, model_file: str | os.PathLike, *, add_bos: bool = True, add_eos: bool = False,
-                 n_embed: int | None = None):
+                 n_embed: int | None = None, legacy: bool = False, add_prefix_space: bool = True):
         try:
             import sentencepiece as spm
             from sentencepiece import sentencepiece_model_pb2 as pb
@@ -182,20 +183,28 @@ class TextTokenizer:
         # The dummy prefix is applied by our own rule; SentencePiece only does the BPE of each segment.
         proto.normalizer_spec.add_dummy_prefix = False
         self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        self._dummy_prefix = True  # the reference's Metaspace prepends "▁" (add_prefix_space=True)
+        # The reference's Metaspace prepend scheme (transformers 5 `_get_prepend_scheme`): "first" for
+        # legacy=False (its LlamaTokenizer default; Spirit LM's files), "always" for legacy=True (every
+        # text segment, also after a marker), "never" without add_prefix_space; the decoder strips one
+        # leading space only when add_prefix_space is on.
+        self._dummy_prefix = bool(add_prefix_space)
+        self._prepend = ("first" if not legacy else "always") if add_prefix_space else "never"
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, n_embed: int | None = None) -> "TextTokenizer":
         """Load ``tokenizer.model`` (+ ``tokenizer_config.json``/``config.json`` when present) from an LM folder.
 
-        The reference forces ``add_bos_token=True, add_eos_token=False`` whatever the files say.
-        ``n_embed`` defaults to ``config.json: vocab_size``.
+        The reference forces ``add_bos_token=True, add_eos_token=False`` whatever the files say;
+        ``legacy`` (default False) and ``add_prefix_space`` (default True) come from
+        ``tokenizer_config.json``. ``n_embed`` defaults to ``config.json: vocab_size``.
         """
         path = Path(path)
         if n_embed is None:
-            cfg = _read_json(path / "config.json")
-            n_embed = cfg.get("vocab_size")
-        return cls(path / "tokenizer.model", add_bos=True, add_eos=False, n_embed=n_embed)
+            n_embed = _read_json(path / "config.json").get("vocab_size")
+        tcfg = _read_json(path / "tokenizer_config.json")
+        aps = tcfg.get("add_prefix_space")
+        return cls(path / "tokenizer.model", add_bos=True, add_eos=False, n_embed=n_embed,
+                   legacy=bool(tcfg.get("legacy", False)), add_prefix_space=True if aps is None else bool(aps))
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -224,7 +233,7 @@ class TextTokenizer:
                 ids.append(self._added[seg])
                 continue
             seg = seg.replace(" ", _SPACE)
-            if self._dummy_prefix and start == 0 and not seg.startswith(_SPACE):
+            if (self._prepend == "always" or (self._prepend == "first" and start == 0)) and not seg.startswith(_SPACE):
                 seg = _SPACE + seg
             ids.extend(self._sp.encode(seg))
         if self.add_eos if add_eos is None else add_eos:

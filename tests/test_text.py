@@ -141,3 +141,27 @@ def test_bad_files_and_inputs(tmp_path, tok):
         tok.encode(b"bytes")
     with pytest.raises(ValueError, match="1-D"):
         tok.decode(np.zeros((2, 2), np.int64))
+
+
+@pytest.mark.parametrize("extra", [{"legacy": True}, {"add_prefix_space": False}])
+def test_tokenizer_config_flags_follow_the_reference(golden_dir, tmp_path, extra):
+    # legacy=True prepends "▁" to every text segment (also after a marker); add_prefix_space=False never.
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    src = _dir(golden_dir, "base")
+    for f in ("tokenizer.model", "config.json", "special_tokens_map.json"):
+        shutil.copy(src / f, tmp_path / f)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.update(extra)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    hf = transformers.LlamaTokenizer.from_pretrained(str(tmp_path), add_bos_token=True, add_eos_token=False)
+    ours = TextTokenizer.from_dir(tmp_path)
+    rng = random.Random(1)
+    atoms = list("abcT ,.[]<>\n") + [" ", "  ", "[Text]", "[Speech]", "[Hu1]", "<s>", "the", " the", "quick "]
+    for _ in range(500):
+        s = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 10)))
+        ids = hf(s)["input_ids"]
+        assert ours.encode(s) == ids, repr(s)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert ours.encode("[Text]The") != TextTokenizer.from_dir(src).encode("[Text]The") or extra.get("legacy") is None
