@@ -14,7 +14,7 @@ import ast
 import json
 import random
 import re
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 

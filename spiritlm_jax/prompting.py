@@ -9,7 +9,7 @@ import dataclasses
 import enum
 import math
 import re
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
