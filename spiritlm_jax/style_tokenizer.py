@@ -52,21 +52,23 @@ class StyleTokenizer:
         cfg, params = convert_style(d, pool_size=kw.pop("pool_size", 50), allow_classes=allow)
         return cls(cfg, params, **kw)
 
-    def _chunks(self, wav: np.ndarray, max_chunk: int | None) -> list[np.ndarray]:
+    def _chunks(self, wav: np.ndarray, max_chunk: int | None, min_chunk: int | None = None) -> list[np.ndarray]:
         mx = self.max_chunk if max_chunk is None else int(max_chunk)
-        chunks = [wav[s:s + mx] for s in range(0, len(wav), mx) if len(wav[s:s + mx]) >= self.min_chunk]
+        mn = self.min_chunk if min_chunk is None else int(min_chunk)
+        chunks = [wav[s:s + mx] for s in range(0, len(wav), mx) if len(wav[s:s + mx]) >= mn]
         if not chunks:
             raise TokenizerInputError(
-                f"the audio has {len(wav)} samples, fewer than the {self.min_chunk} the style encoder needs "
-                f"for one frame; give at least {self.min_chunk} samples"
+                f"the audio has {len(wav)} samples, fewer than min_chunk={mn} (the wav2vec2 conv stack needs "
+                f"{self.cfg.encoder.receptive_field} for one frame); give a longer input"
             )
         rf = self.cfg.encoder.receptive_field
         if any(len(c) < rf for c in chunks):
             raise TokenizerInputError(f"a chunk is shorter than the {rf} samples the wav2vec2 conv stack needs")
         return chunks
 
-    def _run(self, wavs: Sequence[np.ndarray], max_chunk: int | None, intermediates: bool):
-        per_item = [self._chunks(w, max_chunk) for w in wavs]
+    def _run(self, wavs: Sequence[np.ndarray], max_chunk: int | None, intermediates: bool,
+             min_chunk: int | None = None):
+        per_item = [self._chunks(w, max_chunk, min_chunk) for w in wavs]
         flat = [normalize_waveform(c, self.cfg.norm_eps) for cs in per_item for c in cs]
         rows = self._runner.run(flat)
         out, k = [], 0
@@ -90,16 +92,17 @@ class StyleTokenizer:
         return out
 
     def encode(self, audio: Any, *, sample_rate: int | None = None, channel: int | None = None,
-               max_chunk: int | None = None, return_intermediates: bool = False):
-        """One utterance → style units (W,) int64 (or a dict of intermediates)."""
+               max_chunk: int | None = None, min_chunk: int | None = None, return_intermediates: bool = False):
+        """One utterance → style units (W,) int64 (or a dict of intermediates). Chunks of ``max_chunk``
+        samples are encoded independently; chunks shorter than ``min_chunk`` are dropped."""
         wav = load_audio(audio, sample_rate=sample_rate, channel=channel)
-        return self._run([wav], max_chunk, return_intermediates)[0]
+        return self._run([wav], max_chunk, return_intermediates, min_chunk)[0]
 
     __call__ = encode
 
     def encode_batch(self, audios: Sequence[Any], *, sample_rate: int | None = None, channel: int | None = None,
-                     max_chunk: int | None = None) -> list[np.ndarray]:
+                     max_chunk: int | None = None, min_chunk: int | None = None) -> list[np.ndarray]:
         if isinstance(audios, (str, os.PathLike, bytes)) or (isinstance(audios, np.ndarray) and audios.ndim == 1):
             raise TokenizerInputError("encode_batch takes a list of utterances; use encode() for one")
         wavs = [load_audio(a, sample_rate=sample_rate, channel=channel) for a in audios]
-        return self._run(wavs, max_chunk, False) if wavs else []
+        return self._run(wavs, max_chunk, False, min_chunk) if wavs else []
