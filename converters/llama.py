@@ -16,6 +16,7 @@ The key mapping is the table ``LAYER_TABLE`` / ``GLOBAL_TABLE``: (our path, HF k
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
@@ -87,36 +88,32 @@ def expected_keys(cfg: LlamaConfig) -> dict[str, tuple]:
     return out
 
 
-def _set(tree: dict, path: str, value) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
+def _set(tree: dict, keys: tuple[str, ...], value) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
 
 
-def _get(tree: dict, path: str):
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
+def iter_converted(tensors: Iterable[tuple[str, np.ndarray]], cfg: LlamaConfig, *, dtype: str | None = None,
+                   where: str = "checkpoint", progress: bool = False):
+    """Map (HF key, array) pairs through the table, checking every key and shape as they stream.
 
-
-def convert_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: LlamaConfig, *, scan_layers: bool = True,
-                    dtype: str | None = None, where: str = "checkpoint") -> dict:
-    """Stream (HF key, array) pairs into our parameter pytree (numpy), checking every key and shape.
-
-    ``dtype``: cast to this dtype ("float32", "bfloat16"); default keeps the stored dtype.
+    Yields (our key path within one layer or globally, layer index or None, converted array). After the
+    last tensor, raises one error listing every missing and unexpected key.
     """
     table = expected_keys(cfg)
     seen: set[str] = set()
     unexpected: list[str] = []
-    params: dict = {}
-    L = cfg.num_hidden_layers
-    tied_head_in_file = False
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(table), desc="converting tensors", unit="tensor", file=sys.stderr)
     for key, arr in tensors:
         if key not in table:
             if key == "lm_head.weight" and cfg.tie_word_embeddings:
-                tied_head_in_file = True  # some tied checkpoints still store the head; ours reuses embed
-                continue
+                continue  # some tied checkpoints still store the head; ours reuses the embedding
             unexpected.append(key)
             continue
         if key in seen:
@@ -125,37 +122,94 @@ def convert_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: LlamaConfig,
         path, layer, fn, shape = table[key]
         check_shape(key, arr, shape, where=where)
         out = fn(arr, cfg)
-        out = np.array(out, dtype=np.dtype(dtype_of(dtype)) if dtype else out.dtype, copy=True)  # own copy, contiguous
-        if layer is None:
-            _set(params, path, out)
-        elif scan_layers:
-            stacked = params.get("layers")
-            try:
-                dst = _get(stacked, path) if stacked is not None else None
-            except KeyError:
-                dst = None
-            if dst is None:
-                dst = np.empty((L,) + out.shape, out.dtype)
-                _set(params, "layers/" + path, dst)
-            dst[layer] = out
-        else:
-            _set(params, f"layers_{layer}/" + path, out)
-    del tied_head_in_file
-    import re
-
+        out = np.array(out, dtype=np.dtype(dtype_of(dtype)) if dtype else out.dtype, copy=True)  # own contiguous copy
+        yield tuple(path.split("/")), layer, out
     check_keys(seen | set(unexpected), table.keys(), where=where, ignore=[re.compile(p) for p in IGNORED_KEYS])
+
+
+def convert_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: LlamaConfig, *, scan_layers: bool = True,
+                    dtype: str | None = None, where: str = "checkpoint", progress: bool = False) -> dict:
+    """Stream (HF key, array) pairs into our parameter pytree (numpy), in memory.
+
+    ``dtype``: cast to this dtype ("float32", "bfloat16"); default keeps the stored dtype.
+    """
+    params: dict = {}
+    L = cfg.num_hidden_layers
+    stacked: dict = {}
+    for keys, layer, out in iter_converted(tensors, cfg, dtype=dtype, where=where, progress=progress):
+        if layer is None:
+            _set(params, keys, out)
+        elif scan_layers:
+            if keys not in stacked:
+                stacked[keys] = np.empty((L,) + out.shape, out.dtype)
+                _set(params, ("layers",) + keys, stacked[keys])
+            stacked[keys][layer] = out
+        else:
+            _set(params, (f"layers_{layer}",) + keys, out)
     return params
 
 
 def load_hf_params(model_dir: str | Path, cfg: LlamaConfig | None = None, *, scan_layers: bool = True,
-                   dtype: str | None = None, allow_classes=()) -> tuple[LlamaConfig, dict]:
+                   dtype: str | None = None, allow_classes=(), progress: bool = False) -> tuple[LlamaConfig, dict]:
     """Read an HF Llama directory into (config, numpy params) in memory — the converter without orbax."""
     model_dir = Path(model_dir)
     cfg = cfg or LlamaConfig.from_hf(model_dir)
     cfg = cfg.replace(scan_layers=scan_layers)
     params = convert_tensors(torch_io.iter_hf_tensors(model_dir, allow_classes=allow_classes), cfg,
-                             scan_layers=scan_layers, dtype=dtype, where=str(model_dir))
+                             scan_layers=scan_layers, dtype=dtype, where=str(model_dir), progress=progress)
     return cfg, params
+
+
+def _stored_dtype(model_dir: Path, dtype: str | None) -> str:
+    if dtype:
+        return dtype
+    declared = json.loads((model_dir / "config.json").read_text()).get("torch_dtype") or "float32"
+    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+
+
+def stream_convert(model_dir: Path, params_dir: Path, cfg: LlamaConfig, *, scan_layers: bool, dtype: str,
+                   allow_classes=(), progress: bool = False) -> None:
+    """Convert tensor by tensor straight into an orbax checkpoint (peak memory ≈ a few tensors)."""
+    from spiritlm_jax.models.llama import Llama
+    from .orbax_io import StreamingWriter
+
+    run_cfg = cfg.replace(scan_layers=scan_layers)
+    abstract = jax_eval_params(Llama(run_cfg))
+    leaves = {}
+    for keys, leaf in _flatten(abstract):
+        leaves[keys] = (leaf.shape, np.dtype(dtype_of(dtype)), scan_layers and keys[0] == "layers")
+    writer = StreamingWriter(params_dir, leaves)
+    src = np.dtype(dtype_of(dtype))
+    for keys, layer, out in iter_converted(torch_io.iter_hf_tensors(model_dir, allow_classes=allow_classes), cfg,
+                                           where=str(model_dir), progress=progress):
+        if out.dtype.itemsize > src.itemsize:
+            raise CheckpointError(
+                f"{model_dir}: tensor for {'/'.join(keys)} is stored as {out.dtype}, wider than the output dtype "
+                f"{src} (from config.json torch_dtype); pass --dtype float32 to keep full precision")
+        if layer is None:
+            writer.write(keys, out)
+        elif scan_layers:
+            writer.write(("layers",) + keys, out, index=layer)
+        else:
+            writer.write((f"layers_{layer}",) + keys, out)
+    writer.close()
+
+
+def jax_eval_params(model):
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    return nn.meta.unbox(abstract)
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k in sorted(tree):
+            yield from _flatten(tree[k], prefix + (k,))
+    else:
+        yield prefix, tree
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -163,7 +217,7 @@ FORMAT = "spiritlm-jax/llama"
 
 
 def convert_llama(model_dir: str | Path, out_dir: str | Path, *, scan_layers: bool = True, dtype: str | None = None,
-                  allow_classes=(), overwrite: bool = False) -> Path:
+                  allow_classes=(), overwrite: bool = False, progress: bool = False) -> Path:
     """HF Llama directory → our converted directory (orbax params + config + tokenizer files)."""
     import orbax.checkpoint as ocp
 
@@ -172,12 +226,11 @@ def convert_llama(model_dir: str | Path, out_dir: str | Path, *, scan_layers: bo
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(out_dir)
-    cfg, params = load_hf_params(model_dir, scan_layers=scan_layers, dtype=dtype, allow_classes=allow_classes)
+    cfg = LlamaConfig.from_hf(model_dir)
+    dtype = _stored_dtype(model_dir, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out_dir / "params", params)
-    ckptr.wait_until_finished()
-    del params
+    stream_convert(model_dir, out_dir / "params", cfg, scan_layers=scan_layers, dtype=dtype,
+                   allow_classes=allow_classes, progress=progress)
     meta = {"format": FORMAT, "layout": "scan" if scan_layers else "unrolled",
             "llama": {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")},
             "stored_dtype": dtype, "source": str(model_dir)}
@@ -219,11 +272,11 @@ def load_converted(conv_dir: str | Path, *, mesh=None, dtype: str = "float32", p
     stored_scan = layout == "scan"
     want_scan = stored_scan if scan_layers is None else scan_layers
     stored_cfg = cfg.replace(scan_layers=stored_scan)
-    abstract = jax.eval_shape(lambda: Llama(stored_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    specs = nn.get_partition_spec(abstract)
-    abstract = nn.meta.unbox(abstract)
+    boxed = jax.eval_shape(lambda: Llama(stored_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    specs = nn.get_partition_spec(boxed)
+    abstract = nn.meta.unbox(boxed)
     if mesh is not None:
-        shardings = shd.logical_sharding(specs, mesh)
+        shardings = shd.logical_sharding(specs, mesh, abstract)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype_of(param_dtype), sharding=s), abstract, shardings)
     else:
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype_of(param_dtype)), abstract)
@@ -233,6 +286,7 @@ def load_converted(conv_dir: str | Path, *, mesh=None, dtype: str = "float32", p
     except Exception as e:
         raise CheckpointError(f"{conv_dir}/params could not be restored ({type(e).__name__}: {str(e)[:300]}); "
                               f"the checkpoint is incomplete or does not match its config.json") from e
+    params = jax.tree.map(jnp.asarray, params)  # zero-copy on CPU when restored as numpy
     if want_scan != stored_scan:
         params = stack_layers(params, cfg.num_hidden_layers) if want_scan else unstack_layers(params, cfg.num_hidden_layers)
     return cfg.replace(scan_layers=want_scan), params

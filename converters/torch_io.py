@@ -94,7 +94,7 @@ def torch_load(path: str | os.PathLike, *, allow_classes: Iterable[str] = (), mm
             f"class explicitly: allow_classes=['{cls}'] in Python or --allow-pickle-class {cls} on the "
             f"command line."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"{path}: could not read the checkpoint ({first}). The file is truncated, corrupt or not a "

@@ -179,13 +179,16 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], samplin
         from spiritlm_jax import sharding as shd
         from spiritlm_jax.models.llama import cache_logical_axes
 
-        tokens_j = jax.device_put(tokens_j, shd.named(mesh, "batch", None))
-        lengths_j = jax.device_put(lengths_j, shd.named(mesh, "batch"))
-        banned_j = jax.device_put(banned_j, shd.named(mesh, "batch", None))
-        cache = jax.tree.map(lambda c, names: jax.device_put(c, shd.named(mesh, *names)), cache,
-                             cache_logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    out, step_logits, n = _generate_jit(params, tokens_j, lengths_j, banned_j, jax.random.key(seed), cache,
-                                        cfg=cfg, s=sampling, eos_id=eos, pad_id=pad_id, return_logits=return_logits)
+        tokens_j = shd.put(tokens_j, mesh, "batch", None)
+        lengths_j = shd.put(lengths_j, mesh, "batch")
+        banned_j = shd.put(banned_j, mesh, "batch", None)
+        cache = jax.tree.map(lambda c, names: shd.put(c, mesh, *names), cache, cache_logical_axes(cfg))
+    from spiritlm_jax.sharding import mesh_context
+
+    with mesh_context(mesh):
+        out, step_logits, n = _generate_jit(params, tokens_j, lengths_j, banned_j, jax.random.key(seed), cache,
+                                            cfg=cfg, s=sampling, eos_id=eos, pad_id=pad_id,
+                                            return_logits=return_logits)
     out = np.asarray(out)
     n = int(n)
     results = []

@@ -16,6 +16,7 @@ parameters are replicated (their logical names map to ``None``) and only their b
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Sequence
@@ -96,9 +97,44 @@ def make_mesh(shape: Sequence[int] | dict[str, int] = None, devices: Sequence[ja
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
 
 
-def logical_sharding(logical_tree, mesh: Mesh):
-    """A pytree of logical PartitionSpecs (from ``nn.get_partition_spec``) → NamedShardings."""
-    return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_RULES)
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drop the mesh axes of any dimension they do not divide evenly (that dimension is replicated).
+
+    JAX refuses uneven shardings of stored arrays; e.g. a 32667-row vocabulary cannot be split 4 ways.
+    Spirit LM's real vocabularies (32512, 32768) divide evenly by any power of two up to 256.
+    """
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if shape[i] % size == 0 else None)
+    return P(*out)
+
+
+def logical_sharding(logical_tree, mesh: Mesh, shapes=None):
+    """A pytree of logical PartitionSpecs (from ``nn.get_partition_spec``) → NamedShardings.
+
+    ``shapes``: a matching pytree of arrays / ShapeDtypeStructs; dimensions the mesh does not divide
+    are replicated (``fit_spec``).
+    """
+    mesh_specs = nn.logical_to_mesh(logical_tree, LOGICAL_RULES)
+    if shapes is None:
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), mesh_specs, is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), mesh_specs, shapes,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh | None):
+    """Activate a mesh and the logical rules, so ``with_logical_constraint`` inside models applies."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
 
 
 def logical_spec(*names: str | None) -> P:
@@ -108,6 +144,11 @@ def logical_spec(*names: str | None) -> P:
 
 def named(mesh: Mesh, *names: str | None) -> NamedSharding:
     return NamedSharding(mesh, logical_spec(*names))
+
+
+def put(x, mesh: Mesh, *names: str | None):
+    """device_put ``x`` sharded by logical names (dimensions the mesh does not divide are replicated)."""
+    return jax.device_put(x, NamedSharding(mesh, fit_spec(logical_spec(*names), x.shape, mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
