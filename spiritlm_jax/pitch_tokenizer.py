@@ -122,6 +122,12 @@ def _vq_codes(vparams, x, n, *, vcfg):
     return codes, ncodes
 
 
+@functools.partial(jax.jit, static_argnames=("vcfg",))
+def _vq_debug(vparams, x, *, vcfg):
+    codes, latent, _ = vq.encode(vparams, vcfg, x)
+    return codes, latent, vq.reconstruct(vparams, vcfg, x)
+
+
 class PitchTokenizer:
     """Audio → pitch units (or F0 with ``dense=True``).
 
@@ -280,7 +286,6 @@ class PitchTokenizer:
             f0, vuv = yaapt_f0(w)
             f0n = normalize_host(f0, vuv, self.vcfg.normalize)
         x = np.stack([f0n, np.asarray(vuv, np.float32)], -1)[None]
-        codes, latent, _ = vq.encode(self.vparams, self.vcfg, jnp.asarray(x))
-        rec = vq.reconstruct(self.vparams, self.vcfg, jnp.asarray(x))
+        codes, latent, rec = _vq_debug(self.vparams, jnp.asarray(x), vcfg=self.vcfg)
         return {"f0": f0, "vuv": vuv, "vqvae_input": x[0], "latent": np.asarray(latent[0]),
                 "codes": np.asarray(codes[0]), "reconstruction": np.asarray(rec[0])}
