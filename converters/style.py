@@ -4,8 +4,9 @@ and the parity runner for the ``style_*`` golden cases.
 
 The positional conv's weight norm is read from either the legacy ``weight_g``/``weight_v`` names or
 the newer ``parametrizations.weight.original0/1`` and folded. Every key must be accounted for: the
-only tensors ignored are ``wav2vec2.masked_spec_embed`` (training masking) and ``layer_weights``
-(weighted layer sum, which the original's custom forward never uses).
+only tensors ignored are ``wav2vec2.masked_spec_embed`` (training masking), ``layer_weights``
+(weighted layer sum, which the original's custom forward never uses) and ``_float_tensor`` (the
+original class's device-marker buffer).
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from spiritlm_jax.converters.torch_io import CheckpointError, check_shape
 from spiritlm_jax.models.hubert import EncoderConfigError
 from spiritlm_jax.models.style import POOL_SIZE, StyleEncoderConfig
 
-STYLE_IGNORED = (r"masked_spec_embed", r"layer_weights")
+# masked_spec_embed: training-time masking; layer_weights: weighted layer sum, unused by the original's
+# forward; _float_tensor: the original class's device-marker buffer (present when a checkpoint is
+# saved from Wav2Vec2StyleEncoder itself; absent from the released file).
+STYLE_IGNORED = (r"masked_spec_embed", r"layer_weights", r"_float_tensor")
 
 
 def read_style_config(model_dir: str | os.PathLike, pool_size: int = POOL_SIZE) -> StyleEncoderConfig:

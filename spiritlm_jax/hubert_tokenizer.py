@@ -70,7 +70,9 @@ class BatchedEncoderRunner:
         while i < len(order):
             n_max = _round_up(len(chunks[order[i]]), self.bucket_samples)
             per = max(1, self.max_batch_samples // max(n_max, 1))
-            per = max(self._data_size, per - per % self._data_size)
+            left = len(order) - i
+            per = -(-left // -(-left // per))  # balanced groups (16 rows, at most 10 → 8 + 8, one shape)
+            per = _round_up(per, self._data_size)
             group = order[i:i + per]
             i += len(group)
             B = _round_up(len(group), self._data_size)
