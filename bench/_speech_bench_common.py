@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import platform
 import statistics

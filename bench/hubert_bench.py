@@ -120,7 +120,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    import jax
     import transformers
 
     from spiritlm_jax.hubert_tokenizer import HubertTokenizer

@@ -12,7 +12,6 @@ lengths are rounded up to ``bucket_samples`` so that few distinct shapes are com
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any, Sequence
