@@ -189,6 +189,14 @@ class Conv1d(nn.Module):
                           (self.features,), jnp.float32)
         if self.kernel_size == 1 and self.groups == 1:
             y = jnp.einsum("btc,cd->btd", x, kernel[0], precision=HIGHEST)
+        elif self.groups == cin == self.features:
+            # depthwise: a fused sum of shifted products. XLA:CPU's grouped convolution runs ~15×
+            # slower on this shape (measured: 3.7 s vs 0.25 s for (16, 1001, 1024), k=31).
+            T = x.shape[1]
+            xp = jnp.pad(x, ((0, 0), (self.padding, self.padding), (0, 0)))
+            y = xp[:, 0:T] * kernel[0, 0]
+            for k in range(1, self.kernel_size):
+                y = y + xp[:, k:k + T] * kernel[k, 0]
         else:
             y = jax.lax.conv_general_dilated(
                 x, kernel, window_strides=(1,), padding=[(self.padding, self.padding)],
