@@ -149,7 +149,6 @@ class TextTokenizer:
                  n_embed: int | None = None, legacy: bool = False, add_prefix_space: bool = True):
         try:
             import sentencepiece as spm
-            from sentencepiece import sentencepiece_model_pb2 as pb
         except ImportError as e:  # pragma: no cover
             raise ImportError("the text tokenizer needs the `sentencepiece` package (pip install sentencepiece)") from e
         model_file = Path(model_file)
@@ -157,32 +156,30 @@ class TextTokenizer:
             raise FileNotFoundError(f"tokenizer model not found: {model_file} (expected a SentencePiece "
                                     f"tokenizer.model in the LM checkpoint folder)")
         self._model_file = model_file
-        proto = pb.ModelProto()
+        # The ModelProto is read with a minimal wire-format reader (_SpModel) rather than sentencepiece's
+        # generated protobuf module, whose protobuf-runtime requirement conflicts with apache-beam's pin.
         try:
-            proto.ParseFromString(model_file.read_bytes())
+            model = _SpModel(model_file.read_bytes())
         except Exception as e:
             raise VocabError(f"{model_file} is not a SentencePiece model: {e}") from e
-        if not proto.pieces:
+        if not model.pieces:
             raise VocabError(f"{model_file} is not a SentencePiece model (no pieces)")
-        T = pb.ModelProto.SentencePiece.Type
-        self.pieces: list[str] = [p.piece for p in proto.pieces]
-        types = [p.type for p in proto.pieces]
-        ts = proto.trainer_spec
-        bos, eos, unk = ts.bos_id, ts.eos_id, ts.unk_id
+        self.pieces: list[str] = [p for p, _ in model.pieces]
+        types = [t for _, t in model.pieces]
+        bos, eos, unk, pad = model.bos_id, model.eos_id, model.unk_id, model.pad_id
         # Added tokens of the reference: the special pieces (unk/bos/eos/pad that exist) and every
         # USER_DEFINED piece; matched leftmost-longest in the raw text.
-        special_ids = sorted(i for i in (unk, bos, eos, ts.pad_id) if 0 <= i < len(self.pieces))
-        user_ids = [i for i, t in enumerate(types) if t == T.USER_DEFINED]
+        special_ids = sorted(i for i in (unk, bos, eos, pad) if 0 <= i < len(self.pieces))
+        user_ids = [i for i, t in enumerate(types) if t == _SpModel.USER_DEFINED]
         self._added: dict[str, int] = {self.pieces[i]: i for i in user_ids + special_ids}
         alts = sorted(self._added, key=lambda s: (-len(s), s))
         self._added_re = re.compile("|".join(re.escape(a) for a in alts)) if alts else None
-        self._byte_ids = {i for i, t in enumerate(types) if t == T.BYTE}
+        self._byte_ids = {i for i, t in enumerate(types) if t == _SpModel.BYTE}
         self.add_bos, self.add_eos = add_bos, add_eos
         self.vocab = Vocab.from_pieces(self.pieces, n_embed, bos_id=bos, eos_id=eos, unk_id=unk,
                                        special_ids=special_ids, where=str(model_file))
         # The dummy prefix is applied by our own rule; SentencePiece only does the BPE of each segment.
-        proto.normalizer_spec.add_dummy_prefix = False
-        self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self._sp = spm.SentencePieceProcessor(model_proto=model.without_dummy_prefix())
         # The reference's Metaspace prepend scheme (transformers 5 `_get_prepend_scheme`): "first" for
         # legacy=False (its LlamaTokenizer default; Spirit LM's files), "always" for legacy=True (every
         # text segment, also after a marker), "never" without add_prefix_space; the decoder strips one
@@ -279,6 +276,105 @@ class TextTokenizer:
 
     def batch_decode(self, batch, *, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
+
+
+class _SpModel:
+    """The parts of a SentencePiece ``ModelProto`` we need, read straight from the protobuf wire format.
+
+    Fields (sentencepiece_model.proto): ModelProto.pieces = 1 (SentencePiece: piece = 1, score = 2,
+    type = 3), trainer_spec = 2 (unk_id = 40, bos_id = 41, eos_id = 42, pad_id = 43), normalizer_spec = 3
+    (add_dummy_prefix = 3).
+    """
+
+    NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+    def __init__(self, buf: bytes):
+        self.buf = buf
+        self.pieces: list[tuple[str, int]] = []
+        ids = {40: 0, 41: 1, 42: 2, 43: -1}  # proto defaults
+        for field, wire, val in self._fields(buf):
+            if field == 1 and wire == 2:
+                piece, typ = "", self.NORMAL
+                for f2, w2, v2 in self._fields(val):
+                    if f2 == 1 and w2 == 2:
+                        piece = v2.decode("utf-8")
+                    elif f2 == 3 and w2 == 0:
+                        typ = v2
+                self.pieces.append((piece, typ))
+            elif field == 2 and wire == 2:
+                for f2, w2, v2 in self._fields(val):
+                    if f2 in ids and w2 == 0:
+                        ids[f2] = v2 - (1 << 64) if v2 >= 1 << 63 else v2  # int32 varints are sign-extended
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = ids[40], ids[41], ids[42], ids[43]
+
+    @staticmethod
+    def _varint(buf: bytes, i: int) -> tuple[int, int]:
+        out = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            out |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return out, i
+
+    @classmethod
+    def _fields(cls, buf: bytes):
+        i, n = 0, len(buf)
+        while i < n:
+            key, i = cls._varint(buf, i)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                val, i = cls._varint(buf, i)
+            elif wire == 1:
+                val, i = buf[i:i + 8], i + 8
+            elif wire == 2:
+                size, i = cls._varint(buf, i)
+                val, i = buf[i:i + size], i + size
+            elif wire == 5:
+                val, i = buf[i:i + 4], i + 4
+            else:
+                raise ValueError(f"unsupported protobuf wire type {wire}")
+            if i > n:
+                raise ValueError("truncated protobuf message")
+            yield field, wire, val
+
+    @staticmethod
+    def _enc_varint(x: int) -> bytes:
+        out = bytearray()
+        while True:
+            b = x & 0x7F
+            x >>= 7
+            out.append(b | (0x80 if x else 0))
+            if not x:
+                return bytes(out)
+
+    def without_dummy_prefix(self) -> bytes:
+        """The serialized model with normalizer_spec.add_dummy_prefix = false (a later scalar field wins)."""
+        off = bytes([3 << 3 | 0, 0])  # field 3, varint 0
+        out, i, n, done = bytearray(), 0, len(self.buf), False
+        while i < n:
+            start = i
+            key, i = self._varint(self.buf, i)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                _, i = self._varint(self.buf, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            elif wire == 2:
+                size, j = self._varint(self.buf, i)
+                i = j + size
+                if field == 3:
+                    payload = self.buf[j:i] + off
+                    out += self._enc_varint(key) + self._enc_varint(len(payload)) + payload
+                    done = True
+                    continue
+            out += self.buf[start:i]
+        if not done:
+            out += self._enc_varint(3 << 3 | 2) + self._enc_varint(len(off)) + off
+        return bytes(out)
 
 
 def _byte_value(piece: str) -> int | None:

@@ -165,3 +165,23 @@ def test_tokenizer_config_flags_follow_the_reference(golden_dir, tmp_path, extra
         assert ours.encode(s) == ids, repr(s)
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert ours.encode("[Text]The") != TextTokenizer.from_dir(src).encode("[Text]The") or extra.get("legacy") is None
+
+
+def test_model_reader_agrees_with_sentencepiece(golden_dir):
+    """Our wire-format ModelProto reader (no protobuf dependency) sees what sentencepiece itself sees."""
+    import sentencepiece as spm
+
+    from spiritlm_jax.text import _SpModel
+
+    f = golden_dir / "checkpoints" / "spiritlm_model" / "spirit-lm-base-7b" / "tokenizer.model"
+    m = _SpModel(f.read_bytes())
+    sp = spm.SentencePieceProcessor(model_file=str(f))
+    assert [p for p, _ in m.pieces] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert [t == _SpModel.BYTE for _, t in m.pieces] == [sp.is_byte(i) for i in range(sp.get_piece_size())]
+    assert [t == _SpModel.CONTROL for _, t in m.pieces] == [sp.is_control(i) for i in range(sp.get_piece_size())]
+    assert (m.unk_id, m.bos_id, m.eos_id, m.pad_id) == (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id())
+    # the rewritten model differs only in the dummy prefix
+    sp2 = spm.SentencePieceProcessor(model_proto=m.without_dummy_prefix())
+    assert sp.encode("hello world", out_type=str)[0].startswith("\u2581")
+    assert not sp2.encode("hello world", out_type=str)[0].startswith("\u2581")
+    assert sp2.get_piece_size() == sp.get_piece_size()
