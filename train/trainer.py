@@ -248,7 +248,7 @@ def make_train_step(model: Llama, tx, sched, modality: np.ndarray, *, grad_accum
             s0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), s0)
             (grads, sums), _ = jax.lax.scan(body, (zeros, s0), mbs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
