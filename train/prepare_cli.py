@@ -1,0 +1,89 @@
+"""Prepare a Spirit LM training corpus: text, speech and word-aligned speech → a TFDS ArrayRecord dataset.
+
+Inputs (any mix; folders are searched recursively):
+  --text PATH       .txt / .jsonl ("text" field) files: text-only documents (--text-unit file|paragraph|line)
+  --audio PATH      audio files: speech-only documents
+  --aligned PATH    audio files with a word alignment of the same name next to them (.TextGrid, .ctm,
+                    .json, .tsv) or under --alignment-dir (same relative path: Montreal Forced Aligner's
+                    output layout); a .txt/.lab transcript next to the audio is checked against it
+  --manifest FILE   JSONL, one input per line: {"text": ...} | {"text_path": ...} | {"audio": ...} |
+                    {"audio": ..., "alignment": ..., "transcript": ..., "format": ..., "tier": ...}
+
+Speech is tokenized with the batched HuBERT tokenizer (+ pitch and style with --expressive) from the
+original speech_tokenizer checkpoints, keeping each unit's time range. The job runs on Apache Beam
+through TFDS: the DirectRunner in this process by default; pass Beam flags after --beam for a cluster:
+
+  spiritlm-jax prepare --aligned corpus/ --speech-tokenizer ckpt/speech_tokenizer \\
+      --output gs://bucket/data --name mycorpus \\
+      --beam --runner=DataflowRunner --project=P --region=R --temp_location=gs://bucket/tmp \\
+             --setup_file=./setup.py
+
+Output: OUTPUT/spiritlm_corpus/NAME/1.0.0 (splits text, speech, aligned) and summary.json beside it.
+Bad inputs (unreadable audio, alignments that do not match the transcript or lie outside the audio,
+empty transcripts, ...) are skipped and counted by reason in the summary. See docs/data.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs")
+    g.add_argument("--text", action="append", default=[], metavar="PATH", help="text file or folder (repeatable)")
+    g.add_argument("--audio", action="append", default=[], metavar="PATH", help="audio file or folder (repeatable)")
+    g.add_argument("--aligned", action="append", default=[], metavar="PATH",
+                   help="folder (or file) of audio with word alignments (repeatable)")
+    g.add_argument("--alignment-dir", metavar="DIR", help="where --aligned's alignments live, if not beside the audio")
+    g.add_argument("--manifest", action="append", default=[], metavar="FILE", help="JSONL manifest (repeatable)")
+    g.add_argument("--text-unit", choices=("file", "paragraph", "line"), default="file",
+                   help="how a .txt file splits into documents (default: file)")
+    g.add_argument("--tier", help="TextGrid tier holding the words (default: 'words' or the only interval tier)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", required=True, metavar="DIR", help="TFDS data_dir (local or gs://...)")
+    o.add_argument("--name", required=True, help="corpus name (lower-case, digits, '_'): the TFDS config name")
+    o.add_argument("--overwrite", action="store_true", help="rebuild if the dataset already exists")
+    t = p.add_argument_group("tokenizers")
+    t.add_argument("--speech-tokenizer", metavar="DIR",
+                   help="the original speech_tokenizer folder (hubert_25hz/, and for --expressive "
+                        "vqvae_f0_quantizer/ and style_encoder_w2v2/)")
+    t.add_argument("--expressive", action="store_true", help="also extract pitch and style units")
+    t.add_argument("--pitch-backbone", choices=("fcpe", "pyaapt"), default="fcpe")
+    t.add_argument("--fcpe-path", help="FCPE weights (default: the ones bundled with torchfcpe 0.0.4)")
+    t.add_argument("--batch-files", type=int, default=16, help="audio files per tokenizer call (default 16)")
+    t.add_argument("--max-batch-samples", type=int, default=1_600_000,
+                   help="audio samples per padded device batch (default 1.6M = 100 s)")
+    t.add_argument("--duration-tolerance", type=float, default=0.05,
+                   help="seconds a word may end past the audio's end before the file is skipped (default 0.05)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--beam", nargs=argparse.REMAINDER, default=[], metavar="FLAG",
+                   help="everything after --beam is passed to Beam's PipelineOptions (--runner=..., ...)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from spiritlm_jax.train import prepare as P
+
+    try:
+        items, skipped = P.discover(text=args.text, audio=args.audio, aligned=args.aligned,
+                                    alignment_dir=args.alignment_dir, manifests=args.manifest,
+                                    text_unit=args.text_unit, tier=args.tier)
+        opts = P.PrepareOptions(speech_tokenizer=args.speech_tokenizer, expressive=args.expressive,
+                                pitch_backbone=args.pitch_backbone, fcpe_path=args.fcpe_path,
+                                batch_files=args.batch_files, max_batch_samples=args.max_batch_samples,
+                                duration_tolerance=args.duration_tolerance, progress=not args.no_progress)
+        print(f"inputs: {len(items['text'])} text, {len(items['speech'])} speech, {len(items['aligned'])} aligned "
+              f"file(s); {len(skipped)} skipped before processing", file=sys.stderr)
+        data_dir, stats = P.build_dataset(items, args.output, args.name, opts, beam_args=args.beam,
+                                          discovery_skips=skipped, overwrite=args.overwrite)
+    except P.PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if any(v is None for v in stats.values()):
+        print(f"{data_dir} already existed and was reused (pass --overwrite to rebuild)", file=sys.stderr)
+        return 0
+    summary = {"dataset": data_dir, "splits": stats, "total": P.merge_stats(stats.values())}
+    P._write_text(f"{data_dir.rstrip('/').rsplit('/', 1)[0]}/summary.json", json.dumps(summary, indent=1))
+    print(P.format_summary(stats))
+    print(f"\ndataset: {data_dir}")
+    return 0 if summary["total"]["ok"] else 1
