@@ -1,0 +1,169 @@
+"""Checkpoints: kill + resume is bit-identical (params and data order), damaged checkpoints fall back to
+the previous one, NaN stops the run with the last good checkpoint intact."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spiritlm_jax import sharding as shd
+from spiritlm_jax.converters.torch_io import CheckpointError
+from spiritlm_jax.train.checkpointing import Checkpointer
+from spiritlm_jax.train.config import TrainConfig
+from spiritlm_jax.train.trainer import SyntheticIterator, Trainer, TrainingDivergedError
+
+TINY = ["model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+        "model.num_attention_heads=8", "model.num_key_value_heads=4", "model.vocab_layout=none",
+        "model.dtype=float32", "model.remat=none", "data.batch_size=8", "data.seq_len=16", "optim.lr=1e-2",
+        "optim.warmup_steps=2", "progress=false", "tensorboard=false", "log_every=1", "checkpoint.every=2",
+        "checkpoint.keep=3"]
+STEPS = 6
+
+
+class Killed(Exception):
+    pass
+
+
+class RecordingIterator(SyntheticIterator):
+    """Records which global batch index each step consumed; raises ``Killed`` at a given batch."""
+
+    def __init__(self, *a, kill_at=None, **kw):
+        super().__init__(*a, **kw)
+        self.kill_at, self.served = kill_at, []
+
+    def __next__(self):
+        if self.kill_at is not None and self.n == self.kill_at:
+            raise Killed(f"simulated kill before batch {self.n}")
+        self.served.append(self.n)
+        return super().__next__()
+
+
+def cfg_for(d: Path, *extra):
+    return TrainConfig().override(*TINY, f"steps={STEPS}", f"checkpoint.dir={d}", *extra)
+
+
+def mesh():
+    return shd.make_mesh((2, 2, 2))
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def bit_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full")
+    it = RecordingIterator(8, 16, 256, seed=4)
+    tr = Trainer(cfg_for(d), it, mesh=mesh())
+    tr.train()
+    tr.close()
+    return host(tr.state), it.served, d
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, uninterrupted):
+    ref_state, ref_order, _ = uninterrupted
+    # Run 1 dies while fetching the batch of step 4, after checkpoint 2 was saved and step 3 was done.
+    it1 = RecordingIterator(8, 16, 256, seed=4, kill_at=3)
+    tr1 = Trainer(cfg_for(tmp_path), it1, mesh=mesh())
+    with pytest.raises(Killed):
+        tr1.train()
+    tr1.close()
+    assert Checkpointer(tmp_path).all_steps() == [2]
+    # Run 2: a fresh process-like trainer resumes from step 2 and replays step 3 onwards.
+    it2 = RecordingIterator(8, 16, 256, seed=4)
+    tr2 = Trainer(cfg_for(tmp_path), it2, mesh=mesh())
+    assert tr2.initialize() == 2
+    tr2.train()
+    tr2.close()
+    assert it1.served == [0, 1, 2]
+    assert it2.served == ref_order[2:]  # the data order continues exactly where checkpoint 2 left it
+    assert bit_equal(host(tr2.state), ref_state)
+    assert Checkpointer(tmp_path).all_steps() == [2, 4, 6]
+
+
+def test_restore_onto_another_mesh_is_exact(uninterrupted):
+    # A checkpoint written on a (2,2,2) mesh restores onto (1,8,1): orbax reads each new shard from the
+    # stored arrays, so the values are bit-identical and laid out by the rules table for the new mesh.
+    ref_state, _, full_dir = uninterrupted
+    m = shd.make_mesh((1, 8, 1))
+    tr = Trainer(cfg_for(full_dir), RecordingIterator(8, 16, 256), mesh=m)
+    step, state, data_state, _ = Checkpointer(full_dir).restore_latest(tr.layout.abstract)
+    assert step == STEPS and data_state == {"batch": STEPS}
+    assert bit_equal(host(state), ref_state)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(tr.layout.shardings)):
+        assert got.sharding.is_equivalent_to(want, got.ndim)
+
+
+def _largest_file(d: Path) -> Path:
+    return max((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "missing_item"])
+def test_damaged_latest_checkpoint_falls_back(tmp_path, uninterrupted, damage, caplog):
+    import shutil
+
+    _, _, full = uninterrupted
+    d = tmp_path / "ck"
+    shutil.copytree(full, d)
+    assert Checkpointer(d).all_steps() == [2, 4, 6]
+    victim = d / "6"
+    if damage == "truncate":
+        f = _largest_file(victim / "state")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "bitflip":  # same size, one byte changed: only the fingerprint can tell
+        f = _largest_file(victim / "state")
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0x10
+        f.write_bytes(bytes(b))
+    else:  # a partial copy: the data-iterator state never arrived
+        shutil.rmtree(victim / "data")
+    it = RecordingIterator(8, 16, 256, seed=4)
+    tr = Trainer(cfg_for(d, "steps=8"), it, mesh=mesh())
+    with caplog.at_level("WARNING", logger="spiritlm_jax.train"):
+        assert tr.initialize() == 4
+    assert "checkpoint step 6" in caplog.text and "falling back" in caplog.text
+    assert list((d / "corrupt").iterdir())[0].name.startswith("6-")
+    assert it.n == 4  # the data iterator is back at checkpoint 4's position
+    if damage == "truncate":
+        tr.train()  # and training continues, re-saving step 6 (its old directory was moved aside) and 8
+        assert Checkpointer(d).all_steps() == [4, 6, 8]
+    tr.close()
+
+
+def test_all_checkpoints_damaged_is_an_error(tmp_path, uninterrupted):
+    import shutil
+
+    _, _, full = uninterrupted
+    d = tmp_path / "ck"
+    shutil.copytree(full, d)
+    for s in (2, 4, 6):
+        shutil.rmtree(d / str(s) / "data")
+    ck = Checkpointer(d)
+    tr = Trainer(cfg_for(d), RecordingIterator(8, 16, 256), mesh=mesh())
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        ck.restore_latest(tr.layout.abstract)
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
+    tr = Trainer(cfg_for(tmp_path), RecordingIterator(8, 16, 256, seed=4), mesh=mesh())
+    tr.train(until=4)
+    saved = host(tr.state)
+    # Poison the weights, as a blow-up would: the next loss is NaN.
+    p = tr.state["params"]
+    p["final_norm"]["scale"] = jnp.full_like(p["final_norm"]["scale"], jnp.nan)
+    with pytest.raises(TrainingDivergedError, match=r"non-finite training signal at step 5: loss=nan.*"
+                                                    r"last good checkpoint is .*/4"):
+        tr.train()
+    tr.close()
+    ck = Checkpointer(tmp_path)
+    assert ck.all_steps() == [2, 4]
+    step, state, _, _ = ck.restore_latest(tr.layout.abstract)
+    assert step == 4 and bit_equal(host(state), saved)
