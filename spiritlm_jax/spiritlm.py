@@ -1,0 +1,243 @@
+"""The original's user API, ``Spiritlm``, on our JAX models — plus batched generation it cannot do.
+
+    lm = SpiritLM.from_pretrained("spirit-lm-expressive-7b")          # $SPIRITLM_CHECKPOINTS_DIR layout
+    outs = lm.generate(interleaved_inputs=[("speech", "question.wav"), ("text", " The answer is")],
+                       output_modality="arbitrary", max_new_tokens=200, do_sample=True, top_p=0.95)
+    for o in outs: print(o.content_type, o.content if o.content_type.value == "TEXT" else o.content.shape)
+
+    many = lm.generate_batch([[("text", "Once upon a time")], [("speech", wav)]], output_modality="speech",
+                             max_new_tokens=100)                     # ONE engine call for every prompt
+
+Behaviour follows the original wrapper (REFERENCE §9): prompt building with ``[Speech]``/``[Text]``
+markers, the output-modality ban lists (SPEECH bans all text ids, so speech never stops before
+``max_new_tokens``), HF ``GenerationConfig`` defaults (greedy unless ``do_sample``; ``top_k=50``;
+``max_length=20`` total tokens when ``max_new_tokens`` is not given), output = decode(prompt + new
+ids)[len(prompt):].strip(), parsed into text and speech chunks with the 25-unit rule and the
+prompt-ratio trimming. Sampling draws from the same distributions but not the same random stream as torch.
+
+Fixed original bugs (documented): a model PATH gets a speech tokenizer too (the original silently has
+none); an empty speech chunk, or Expressive speech without ``[Pi]``, raises ``SpeechDecodeError`` (a
+clear error instead of a crash deep in the vocoder); prompts longer than the context raise
+``GenerationError`` before any compute.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import prompting as P
+from .config import LlamaConfig
+from .prompting import ContentType, GenerationInput, GenerationOutput, OutputModality
+from .speech import SpeechTokenizer, _variant, checkpoints_root
+from .text import TextTokenizer
+
+GENERATION_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "max_length"}
+HF_DEFAULT_MAX_LENGTH = 20
+
+
+def default_dtype() -> str:
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+class SpiritLM:
+    def __init__(self, cfg: LlamaConfig, params, text_tokenizer: TextTokenizer, speech_tokenizer: SpeechTokenizer | None,
+                 variant: str, mesh=None):
+        self.cfg = cfg
+        self.params = params
+        self.tokenizer = text_tokenizer
+        self.speech_tokenizer = speech_tokenizer
+        self.variant = variant
+        self.mesh = mesh
+
+    @property
+    def expressive(self) -> bool:
+        return self.variant == "expressive"
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, checkpoints: str | os.PathLike | None = None,
+                        speech_checkpoints: str | os.PathLike | None = None, dtype: str | None = None,
+                        mesh=None, f0_backbone: str = "fcpe", with_speech: bool = True,
+                        variant: str | None = None) -> "SpiritLM":
+        """``name_or_path``: a variant name (``spirit-lm-base-7b``, ``spirit-lm-expressive-7b``, or
+        ``base``/``expressive``) resolved under ``checkpoints`` / $SPIRITLM_CHECKPOINTS_DIR (the
+        original's layout), or a directory: the original HF LM folder or our converted one.
+
+        ``speech_checkpoints``: the folder holding ``speech_tokenizer/`` (default: the same root, or
+        the grand-parent of an LM folder inside an original tree).
+        ``variant`` (base / expressive) is read from the name, the folder name, our converted config, or
+        the vocabulary size (32512 Base, 32768 Expressive); pass it when none of these tells.
+        """
+        from .converters.llama import FORMAT, load_converted, load_hf_params
+
+        dtype = dtype or default_dtype()
+        p = Path(name_or_path)
+        variant = _variant(variant) if variant else None
+        if p.is_dir():
+            lm_dir = p
+            root = speech_checkpoints or (p.parent.parent if (p.parent.parent / "speech_tokenizer").is_dir() else None)
+        else:
+            variant = variant or _variant(name_or_path)
+            root = checkpoints_root(checkpoints)
+            lm_dir = root / "spiritlm_model" / f"spirit-lm-{variant}-7b"
+            if not lm_dir.is_dir():
+                raise FileNotFoundError(f"{lm_dir} not found: the checkpoint folder lacks the {variant} LM")
+            root = speech_checkpoints or root
+        meta = json.loads((lm_dir / "config.json").read_text())
+        if meta.get("format") == FORMAT:
+            cfg, params = load_converted(lm_dir, mesh=mesh, dtype=dtype, param_dtype=dtype)
+        else:
+            cfg, params = load_hf_params(lm_dir, dtype=dtype)
+            cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+            params = _place(params, cfg, mesh)
+        tok = TextTokenizer.from_dir(lm_dir, n_embed=cfg.vocab_size)
+        variant = variant or _infer_variant(lm_dir, meta, cfg)
+        speech = None
+        if with_speech:
+            if root is None:
+                raise FileNotFoundError(
+                    f"no speech_tokenizer/ folder found for {lm_dir}; pass speech_checkpoints= (the original "
+                    f"checkpoints/ root) or with_speech=False for a text-only model")
+            speech = SpeechTokenizer.from_checkpoints(root, variant, f0_backbone=f0_backbone, mesh=mesh)
+        return cls(cfg, params, tok, speech, variant, mesh=mesh)
+
+    # ------------------------------------------------------------------------------ generation
+    def _sampling(self, n_prompt: int, generation_config: dict | None, kwargs: dict):
+        from .infer.engine import GenerationError, SamplingConfig
+
+        gc = dict(generation_config or {})
+        gc.update(kwargs)
+        unknown = set(gc) - GENERATION_KEYS
+        if unknown:
+            raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; supported: {sorted(GENERATION_KEYS)}")
+        if gc.get("max_new_tokens") is None:
+            max_length = gc.get("max_length", HF_DEFAULT_MAX_LENGTH)
+            if n_prompt >= max_length:
+                raise GenerationError(
+                    f"the prompt has {n_prompt} tokens but no max_new_tokens was given, so the HF default "
+                    f"max_length={max_length} (prompt + new tokens) leaves no room; pass max_new_tokens=N")
+            gc["max_new_tokens"] = max_length - n_prompt
+        gc.pop("max_length", None)
+        return SamplingConfig(do_sample=bool(gc.get("do_sample", False)), temperature=float(gc.get("temperature", 1.0)),
+                              top_k=int(gc.get("top_k", 50)), top_p=float(gc.get("top_p", 1.0)),
+                              max_new_tokens=int(gc["max_new_tokens"]))
+
+    def build_prompt(self, interleaved_inputs, output_modality) -> str:
+        return P.build_prompt(interleaved_inputs, output_modality, encode_speech=self._encode_speech)
+
+    def _encode_speech(self, content) -> str:
+        if self.speech_tokenizer is None:
+            raise P.PromptError("this model was loaded without a speech tokenizer (with_speech=False)")
+        return self.speech_tokenizer.encode_string(content)
+
+    def _banned(self, modality: OutputModality, force: bool) -> np.ndarray:
+        if not force or modality is OutputModality.ARBITRARY:
+            return np.zeros((self.cfg.vocab_size,), bool)
+        return P.forbidden_mask(modality, self.tokenizer.vocab, self.expressive, n_embed=self.cfg.vocab_size)
+
+    def _decode_speech(self, speaker_id: int):
+        def decode(s: str) -> np.ndarray:
+            if self.speech_tokenizer is None:
+                raise P.PromptError("this model was loaded without a speech tokenizer: cannot decode speech")
+            return self.speech_tokenizer.decode(s, speaker_id=speaker_id)
+
+        return decode
+
+    def generate_batch(self, batch_inputs: Sequence[Any] | None = None, *, prompts: Sequence[str] | None = None,
+                       output_modality: Any = OutputModality.ARBITRARY, generation_config: dict | None = None,
+                       force_tokens_to_output_modality: bool = True, speaker_id: int = 2, return_prompt: bool = False,
+                       seed: int | None = None, return_ids: bool = False, **kwargs):
+        """Many prompts in ONE engine call (prompts of any lengths; per-row modality masks).
+
+        ``batch_inputs``: a list whose items are what ``generate`` takes as ``interleaved_inputs``; or
+        ``prompts``: ready token strings. ``output_modality``: one for all, or one per prompt.
+        Returns a list of output lists (and of prompts with ``return_prompt``).
+        """
+        from .infer.engine import generate as engine_generate
+
+        if (batch_inputs is None) == (prompts is None):
+            raise P.PromptError("give exactly one of batch_inputs (interleaved inputs per prompt) or prompts")
+        n = len(prompts if prompts is not None else batch_inputs)
+        if n == 0:
+            raise P.PromptError("no prompts given")
+        mods = list(output_modality) if isinstance(output_modality, (list, tuple)) else [output_modality] * n
+        if len(mods) != n:
+            raise P.PromptError(f"{n} prompts but {len(mods)} output modalities")
+        mods = [P.to_output_modality(m) for m in mods]
+        if prompts is None:
+            prompts = [self.build_prompt(inp, m) for inp, m in zip(batch_inputs, mods)]
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        sampling = self._sampling(max(map(len, ids)), generation_config, kwargs)
+        banned = np.stack([self._banned(m, force_tokens_to_output_modality) for m in mods])
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
+        new_ids, _ = engine_generate(self.cfg, self.params, ids, sampling, banned, seed=seed, mesh=self.mesh,
+                                     eos_id=self.tokenizer.vocab.eos_id)
+        decode = self._decode_speech(speaker_id)
+        results = []
+        for p, pid, nid, m in zip(prompts, ids, new_ids, mods):
+            full = self.tokenizer.decode(pid + nid)
+            results.append(P.decode_generated_output(full, p, m, decode))
+        out = (results, prompts) if return_prompt else results
+        return (out, new_ids) if return_ids else out
+
+    def generate(self, interleaved_inputs=None, prompt: str | None = None,
+                 output_modality: Any = OutputModality.ARBITRARY, generation_config: dict | None = None,
+                 force_tokens_to_output_modality: bool = True, speaker_id: int = 2, return_prompt: bool = False,
+                 seed: int | None = None, **kwargs):
+        """The original ``Spiritlm.generate``: returns a list of ``GenerationOutput(content, content_type)``
+        (text: str; speech: float32 16 kHz waveform), and the prompt too with ``return_prompt``."""
+        if prompt is not None and interleaved_inputs is not None:
+            import warnings
+
+            warnings.warn("both prompt and interleaved_inputs given: interleaved_inputs is ignored (as the original)")
+        if prompt is None and interleaved_inputs is None:
+            raise P.PromptError("give interleaved_inputs (a list of (content_type, content)) or a ready prompt string")
+        kw = dict(output_modality=output_modality, generation_config=generation_config,
+                  force_tokens_to_output_modality=force_tokens_to_output_modality, speaker_id=speaker_id,
+                  return_prompt=True, seed=seed, **kwargs)
+        if prompt is not None:
+            outs, prompts = self.generate_batch(prompts=[prompt], **kw)
+        else:
+            outs, prompts = self.generate_batch([interleaved_inputs], **kw)
+        return (outs[0], prompts[0]) if return_prompt else outs[0]
+
+
+def _infer_variant(lm_dir: Path, meta: dict, cfg: LlamaConfig) -> str:
+    names = [lm_dir.name, str(meta.get("source", ""))]
+    for n in names:
+        for v in ("expressive", "base"):
+            if f"spirit-lm-{v}" in Path(n).name:
+                return v
+    if meta.get("variant") in ("base", "expressive"):
+        return meta["variant"]
+    by_vocab = {32512: "base", 32768: "expressive"}
+    if cfg.vocab_size in by_vocab:
+        return by_vocab[cfg.vocab_size]
+    raise ValueError(f"cannot tell whether {lm_dir} is the Base or the Expressive model (folder name, config and "
+                     f"vocabulary size {cfg.vocab_size} do not say); pass variant='base' or variant='expressive'")
+
+
+def _place(params, cfg: LlamaConfig, mesh):
+    import jax
+    import jax.numpy as jnp
+
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, params)
+    import flax.linen as nn
+
+    from .converters.llama import jax_eval_params
+    from .models.llama import Llama
+    from . import sharding as shd
+
+    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh, jax_eval_params(Llama(cfg)))
+    return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
+
+
+__all__ = ["SpiritLM", "GenerationInput", "GenerationOutput", "OutputModality", "ContentType"]
