@@ -541,7 +541,13 @@ def _features(expressive: bool):
     return tfds.features.FeaturesDict(f)
 
 
+_BUILDER_CLASS: list = []
+
+
 def _make_builder_class():
+    """The TFDS builder class, defined once per process (TFDS registers classes by name)."""
+    if _BUILDER_CLASS:
+        return _BUILDER_CLASS[0]
     import tensorflow_datasets as tfds
     from etils import epath
 
@@ -574,6 +580,7 @@ def _make_builder_class():
         def _generate_examples(self, split):
             return _beam_classes()["SplitPipeline"](split, self._opts, self._totals.get(split, 0))
 
+    _BUILDER_CLASS.append(SpiritlmCorpus)
     return SpiritlmCorpus
 
 
