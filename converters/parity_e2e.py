@@ -371,19 +371,29 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
 
 # ==================================================================================== speech tokenizer glue
 def run_tokenizer(gs: GoldenSet, case: str) -> Iterable[Result]:
+    """tokenizer_*.npz: the full Spirit LM speech tokenizer (encode_units / encode_string / decode)."""
     z = gs.npz(case)
     if "synth_odd" in case:
+        wav = z["input_wav"] if "input_wav" in z else gs.inputs()["synth_odd_wav"]
         if "base_hubert" in z:
             yield compare_exact(case, "units2string(base_hubert) == base_string",
                                 U.BASE_FORMAT.units2string({"hubert": str(z["base_hubert"])}), z["base_string"])
-            yield not_implemented(case, "base_hubert (from input_wav)", _NEEDS_ENCODERS)
+            tok = _speech_tok(gs, "base")
+            u = tok.encode_units(wav)
+            yield compare_exact(case, "base_hubert = encode_units(input_wav)", u["hubert"], z["base_hubert"])
+            yield compare_exact(case, "base_string = encode_string(input_wav)", tok.units2string(u), z["base_string"])
         if "expr_hubert" in z:
-            u = {"hubert": str(z["expr_hubert"]), "pitch": str(z["expr_pitch"]), "style": str(z["expr_style"])}
-            yield compare_exact(case, "units2string(expr_*) == expr_string", U.EXPRESSIVE_FORMAT.units2string(u),
+            ref = {"hubert": str(z["expr_hubert"]), "pitch": str(z["expr_pitch"]), "style": str(z["expr_style"])}
+            yield compare_exact(case, "units2string(expr_*) == expr_string", U.EXPRESSIVE_FORMAT.units2string(ref),
                                 z["expr_string"])
-            yield not_implemented(case, "expr_hubert/pitch/style (from input_wav)", _NEEDS_ENCODERS)
+            tok = _speech_tok(gs, "expressive")
+            u = tok.encode_units(wav)
+            for k in ("hubert", "pitch", "style"):
+                yield compare_exact(case, f"expr_{k} = encode_units(input_wav)", u[k], z[f"expr_{k}"])
+            yield compare_exact(case, "expr_string = encode_string(input_wav)", tok.units2string(u), z["expr_string"])
         return
     expressive = "units_pitch" in z
+    variant = "expressive" if expressive else "base"
     fmt = U.EXPRESSIVE_FORMAT if expressive else U.BASE_FORMAT
     keys = ("hubert", "pitch", "style") if expressive else ("hubert",)
     for k in keys:
@@ -392,21 +402,72 @@ def run_tokenizer(gs: GoldenSet, case: str) -> Iterable[Result]:
                                 z[f"units_{k}"])
     yield compare_exact(case, "units2string(units) == string", fmt.units2string({k: str(z[f"units_{k}"]) for k in keys}),
                         z["string"])
-    if all(f"units_{k}_int" in z for k in keys):
-        yield compare_exact(case, "units2string(unit ints) == string",
-                            fmt.units2string({k: z[f"units_{k}_int"] for k in keys}), z["string"])
     back = fmt.string2units(str(z["string"]))
     for k in keys:
         if f"string2units_{k}" in z:
             yield compare_exact(case, f"string2units(string)[{k}]", back.get(k, ""), z[f"string2units_{k}"])
-    arrs = U.units_to_arrays(back)
-    for k, key in (("hubert", "decode_gen_code"), ("pitch", "decode_gen_f0_code"), ("style", "decode_gen_style_code")):
+
+    # --- the models: audio -> units -> string, and string -> waveform
+    tok = _speech_tok(gs, variant)
+    units = tok.encode_units(_recording(gs))
+    for k in keys:
+        yield compare_exact(case, f"units_{k} = encode_units(recording)", units[k], z[f"units_{k}"])
+    yield compare_exact(case, "string = encode_string(recording)", tok.units2string(units), z["string"])
+    wav, info = tok.decode_with_details(str(z["string"]))  # speaker_id=2, dur_pred=True
+    if "decode_wav" in z:
+        yield compare_close(case, "decode_wav = decode(string)", wav, z["decode_wav"], WAV_TOL)
+    if "decode_dur" in z:
+        yield compare_exact(case, "decode_dur", np.asarray(info["dur"])[None], z["decode_dur"])
+    if "decode_log_dur" in z:
+        # the duration predictor's output before rounding; same fp32 bound as the vocoder's log-durations
+        yield compare_close(case, "decode_log_dur", np.asarray(info["log_dur"])[None], z["decode_log_dur"], 1e-4)
+    for k, key in (("code", "decode_gen_code"), ("f0_code", "decode_gen_f0_code"), ("style_code", "decode_gen_style_code")):
         if key in z:
-            yield compare_exact(case, f"{key} (vocoder input from string2units)", arrs[k][None, :], z[key])
-    yield not_implemented(case, "units from audio", _NEEDS_ENCODERS)
-    for k in sorted(z):
-        if k.startswith("decode_") and not k.startswith("decode_gen_"):
-            yield not_implemented(case, k, _NEEDS_VOCODER)
+            yield compare_exact(case, f"{key} (what the generator was fed)", np.asarray(info[k])[None], z[key])
+    if "decode_spk1_nodur_wav" in z:
+        yield compare_close(case, "decode_spk1_nodur_wav = decode(string, speaker_id=1, dur_pred=False)",
+                            tok.decode(str(z["string"]), speaker_id=1, dur_pred=False), z["decode_spk1_nodur_wav"], WAV_TOL)
+    if "decode_units_spk0_wav" in z:
+        ref_units = {k: str(z[f"units_{k}"]) for k in keys}
+        yield compare_close(case, "decode_units_spk0_wav = decode(encode_units(recording), speaker_id=0)",
+                            tok.decode(ref_units, speaker_id=0), z["decode_units_spk0_wav"], WAV_TOL)
+
+
+def hubert_chunking_tokenizer_quantities(gs: GoldenSet, case: str, z: dict) -> Iterable[Result]:
+    """The SpiritLMTokenizer parts of hubert_chunking.npz: min/max chunk behaviour of encode_units.
+
+    ``tok_<base|expr>_off<o>_len<n>_<key>``: encode_units(recording[o:o+n]); where the original raised
+    (``..._error``: FCPE on a chunk without a voiced frame), we run with ``strict_original=True`` and must
+    raise too. ``maxchunk29000_*``: a tokenizer with max_wav_chunk=29000, min_wav_chunk=1280.
+    """
+    from spiritlm_jax.speech import SpeechTokenizer
+
+    rec = gs.inputs()["recording_wav"]
+    names = {"base": "base", "expr": "expressive"}
+    combos = sorted({k.rsplit("_", 1)[0] for k in z if k.startswith("tok_")})
+    for combo in combos:
+        _, short, off, ln = combo.split("_")
+        o, n = int(off[3:]), int(ln[3:])
+        tok = _speech_tok(gs, names[short])
+        err_ref = str(z.get(f"{combo}_error", ""))
+        try:
+            got, err = tok.encode_units(rec[o:o + n], strict_original=True), ""
+        except Exception as e:  # noqa: BLE001
+            got, err = {}, type(e).__name__
+        yield compare_exact(case, f"{combo}: raises iff the original raised (original: {err_ref.split(':')[0] or 'none'}; "
+                                  f"ours: {err or 'none'})", np.array(bool(err)), np.array(bool(err_ref)))
+        for key in ("hubert", "pitch", "style"):
+            if f"{combo}_{key}" in z:
+                yield compare_exact(case, f"{combo}_{key}", got.get(key, ""), z[f"{combo}_{key}"])
+    for short in ("base", "expr"):
+        ks = [k for k in z if k.startswith(f"maxchunk29000_{short}_")]
+        if not ks:
+            continue
+        full = _speech_tok(gs, names[short])
+        tok = SpeechTokenizer(full.hubert, None, full.pitch, full.style, max_wav_chunk=29000, min_wav_chunk=1280)
+        u = tok.encode_units(rec)
+        for k in sorted(ks):
+            yield compare_exact(case, k, u.get(k.rsplit("_", 1)[1], ""), z[k])
 
 
 # ==================================================================================== lm_<variant>.npz wrapper records
