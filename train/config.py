@@ -76,6 +76,8 @@ class DataConfig:
     deterministic random-token stream (smoke tests, benchmarks)."""
 
     path: str = "synthetic"
+    tokenizer: str = ""  # LM folder with tokenizer.model for a prepared dataset; "" = model.init
+    expressive: bool = False  # build expressive sequences ([Pi]/[St] units) from the prepared corpus
     batch_size: int = 8  # GLOBAL batch (sequences per optimizer step, all hosts together)
     seq_len: int = 2048
     seed: int = 0

@@ -442,6 +442,12 @@ class Trainer:
         if cfg.data.batch_size % jax.process_count():
             raise TrainingError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
                                 f"{jax.process_count()} processes")
+        n_batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        micro = cfg.data.batch_size // cfg.optim.grad_accum
+        if micro % n_batch_shards:
+            raise TrainingError(f"the micro-batch (data.batch_size {cfg.data.batch_size} / optim.grad_accum "
+                                f"{cfg.optim.grad_accum} = {micro}) must be divisible by mesh data×fsdp = "
+                                f"{n_batch_shards}: every batch-sharded device needs whole rows")
         self._step_fn = None
         self.compile_seconds = None
         self.history: list[StepRecord] = []

@@ -1,0 +1,139 @@
+"""Train or fine-tune Spirit LM (or extend a Llama checkpoint's vocabulary to Spirit LM's first).
+
+  spiritlm-jax train --config run.json optim.lr=1e-4 steps=2000 mesh.fsdp=-1
+  spiritlm-jax train model.init=/ckpt/spirit-lm-base-7b-jax data.path=/data/spiritlm_corpus/asr/1.0.0 ...
+  spiritlm-jax train --extend-vocab /hf/Llama-2-7b /ckpt/llama2-spiritlm-expressive --layout expressive
+  spiritlm-jax train --print-config [--config FILE key=value ...]
+
+The config is the dataclass tree in spiritlm_jax/train/config.py (sections model, optim, data, mesh,
+checkpoint, and top-level steps, seed, log_every, ...); a FILE (.json/.toml/.yaml) gives values and each
+key=value overrides one (dotted keys). data.path=synthetic trains on a deterministic synthetic stream;
+otherwise it is a dataset prepared by `spiritlm-jax prepare` (its version folder), read with grain.
+
+Outputs in checkpoint.dir: orbax checkpoints (the newest complete one is resumed automatically),
+metrics.jsonl, tensorboard/ event files, train_config.json and loss_curve.png at the end.
+Exit codes: 0 done, 2 bad config/input, 3 training diverged (NaN/inf; the last good checkpoint is kept).
+Multi-host: set distributed=true (jax.distributed.initialize) and launch one process per host; see
+docs/training.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="config file (.json, .toml, .yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--extend-vocab", nargs=2, metavar=("SRC", "OUT"),
+                        help="extend an HF or converted Llama checkpoint (with tokenizer.model) to Spirit LM's "
+                             "vocabulary and write a converted checkpoint to OUT (usable as model.init)")
+    parser.add_argument("--layout", choices=("base", "expressive"), default="expressive",
+                        help="target layout for --extend-vocab (default: expressive)")
+    parser.add_argument("--vocab-seed", type=int, default=0, help="seed of the new rows for --extend-vocab")
+    parser.add_argument("--overwrite", action="store_true", help="--extend-vocab: replace a non-empty OUT")
+
+
+def make_data_iterator(cfg, vocab_size: int):
+    """The host-local batch iterator named by ``cfg.data``."""
+    import jax
+
+    from .trainer import SyntheticIterator
+
+    d = cfg.data
+    if d.path == "synthetic":
+        return SyntheticIterator(d.batch_size, d.seq_len, vocab_size, d.seed,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    from .loader import LoaderConfig, make_iterator
+    from .sequences import SequenceConfig
+
+    tok = d.tokenizer or (cfg.model.init if cfg.model.init != "random" else "")
+    if not tok:
+        from .trainer import TrainingError
+
+        raise TrainingError("a prepared dataset needs a tokenizer: set data.tokenizer=LM_DIR (or model.init)")
+    return make_iterator(LoaderConfig(d.path, tok, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
+                                      seed=d.seed, sequence=SequenceConfig(expressive=d.expressive)))
+
+
+def run(args) -> int:
+    from .config import TrainConfig, TrainConfigError
+
+    if args.extend_vocab:
+        from .vocab import VocabExtensionError, extend_checkpoint
+
+        try:
+            out = extend_checkpoint(args.extend_vocab[0], args.extend_vocab[1], args.layout, seed=args.vocab_seed,
+                                    overwrite=args.overwrite)
+        except (VocabExtensionError, FileExistsError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} ({args.layout} layout)")
+        return 0
+    try:
+        cfg = TrainConfig.load(args.config, args.overrides)
+    except TrainConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    return train(cfg)
+
+
+def train(cfg) -> int:
+    import logging
+
+    import jax
+
+    from spiritlm_jax.converters.torch_io import CheckpointError
+    from spiritlm_jax.sharding import initialize_distributed
+    from .trainer import Trainer, TrainingDivergedError, TrainingError, write_loss_curve
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if cfg.distributed:
+        initialize_distributed()
+    ckdir = Path(cfg.checkpoint.dir)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, _LazyData(cfg))
+        trainer.data.open(trainer.llama_cfg.vocab_size)
+        if jax.process_index() == 0:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            (ckdir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        trainer.train()
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if jax.process_index() == 0:
+            png = write_loss_curve(ckdir / "metrics.jsonl", ckdir / "loss_curve.png")
+            if png:
+                print(f"loss curve: {png}", file=sys.stderr)
+    return 0
+
+
+class _LazyData:
+    """Opens the data iterator once the model's vocabulary size is known (synthetic data needs it)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.it = cfg, None
+
+    def open(self, vocab_size: int):
+        self.it = make_data_iterator(self.cfg, vocab_size)
+
+    def __next__(self):
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
