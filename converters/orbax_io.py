@@ -17,6 +17,7 @@ including sharded restores straight into ``NamedSharding``s.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +44,13 @@ def save_tree_without_copy(path: Path, tree) -> None:
     registry = thr.create_type_handler_registry(
         (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, th.ArrayHandler()))
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False))
-    ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a non-OCDBT save has no OCDBT parts to merge
+    try:
+        ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
+    finally:
+        absl_logger.setLevel(level)
 
 
 class StreamingWriter:

@@ -97,7 +97,7 @@ class SpeechTokenizer:
 
     # ------------------------------------------------------------------------------ encoding
     def _load(self, audio, sample_rate=None, channel_id=None) -> tuple[np.ndarray, str | None]:
-        path = str(Path(audio).absolute()) if isinstance(audio, (str, os.PathLike)) else None
+        path = os.path.abspath(audio) if isinstance(audio, (str, os.PathLike)) else None
         return load_audio(audio, sample_rate=sample_rate, channel=channel_id), path
 
     def _chunks(self, wav: np.ndarray) -> list[np.ndarray]:

@@ -1,0 +1,98 @@
+"""Speech files or folders → Spirit LM units, one JSON line per file.
+
+Each line: {"audio": path, "hubert": "12 12 7 …", "pitch": "…", "style": "…", "string": "[St71][Pi39][Hu99]…"}
+(pitch/style only for the Expressive tokenizer), or {"audio": path, "error": "…"} for a file that could not
+be read (counted and reported at the end; the run goes on). Files are tokenized in batches: every 100 s
+chunk of every file in a batch shares padded, jit-compiled model calls.
+
+Models come from the original checkpoint tree (--checkpoints or $SPIRITLM_CHECKPOINTS_DIR:
+speech_tokenizer/hubert_25hz, …/vqvae_f0_quantizer, …/style_encoder_w2v2).
+
+Examples:
+  spiritlm-jax tokenize recordings/ --variant expressive --out units.jsonl
+  spiritlm-jax tokenize a.wav b.flac --variant base          # JSONL to stdout
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
+
+
+def add_arguments(p):
+    p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
+    p.add_argument("--checkpoints", default=None, help="original checkpoints/ folder (default: $SPIRITLM_CHECKPOINTS_DIR)")
+    p.add_argument("--variant", choices=("base", "expressive"), default="base",
+                   help="base: HuBERT units; expressive: HuBERT + pitch + style units")
+    p.add_argument("--f0-backbone", choices=("fcpe", "pyaapt"), default="fcpe", help="pitch extractor (expressive)")
+    p.add_argument("--out", default="-", help="output JSONL file (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=8, help="files per batched call")
+    p.add_argument("--no-string", action="store_true", help="omit the interleaved unit string")
+
+
+def find_audio(inputs) -> list[Path]:
+    files = []
+    for x in inputs:
+        p = Path(x)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXT)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from spiritlm_jax.speech import SpeechTokenizer
+
+    try:
+        files = find_audio(args.inputs)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print("error: no audio files found (extensions: " + ", ".join(sorted(AUDIO_EXT)) + ")", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("error: --batch-size must be ≥ 1", file=sys.stderr)
+        return 2
+    try:
+        tok = SpeechTokenizer.from_checkpoints(args.checkpoints, args.variant, f0_backbone=args.f0_backbone,
+                                               with_vocoder=False)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = sys.stdout if args.out == "-" else open(args.out, "w")
+    errors = 0
+    try:
+        bar = tqdm(total=len(files), unit="file", desc="tokenizing", file=sys.stderr)
+        for i in range(0, len(files), args.batch_size):
+            batch = files[i:i + args.batch_size]
+            try:
+                results = tok.encode_units_batch(batch)
+            except Exception:  # one bad file must not sink the batch: retry one by one
+                results = []
+                for f in batch:
+                    try:
+                        results.append(tok.encode_units(f))
+                    except Exception as e:  # noqa: BLE001 - reported per file
+                        results.append({"audio": str(f.absolute()), "error": f"{type(e).__name__}: {e}"})
+            for r in results:
+                if "error" in r:
+                    errors += 1
+                elif not args.no_string:
+                    r["string"] = tok.units2string(r)
+                out.write(json.dumps(r) + "\n")
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"tokenized {len(files) - errors} of {len(files)} files" + (f"; {errors} failed (see 'error' lines)" if errors else ""),
+          file=sys.stderr)
+    return 1 if errors == len(files) else 0
