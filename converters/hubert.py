@@ -267,36 +267,11 @@ def _chunking_cases(gs, case, tok, z, inputs):
     yield compare_exact(case, "error_by_length(which fail)", np.array([e != "" for e in errs]),
                         np.array([str(e) != "" for e in z["error_by_length"]]))
 
-    # (2) SpiritLMTokenizer.encode_units on short inputs: hubert stream (base uses HuBERT only; the
-    # expressive hubert stream is produced the same way unless another stream raised first).
-    from spiritlm_jax.audio import MIN_WAV_CHUNK, chunk_audio
+    # (2), (3) SpiritLMTokenizer.encode_units: the min/max wav-chunk rules, base and expressive, through the
+    # full speech tokenizer (spiritlm_jax.speech); where the original raised, strict mode must raise too.
+    from spiritlm_jax.converters.parity_e2e import hubert_chunking_tokenizer_quantities
 
-    def base_units(x, max_chunk=1_600_000):
-        out = []
-        for c in chunk_audio(x, max_chunk, MIN_WAV_CHUNK):
-            out.extend(int(i) for i in tok.encode(c))
-        return " ".join(map(str, out))
-
-    for key in sorted(z):
-        if not key.startswith("tok_"):
-            continue
-        m = re.fullmatch(r"tok_(base|expr)_off(\d+)_len(\d+)_(\w+)", key)
-        kind, off, n, what = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        x = rec[off:off + n]
-        if kind == "base" and what == "hubert":
-            yield compare_exact(case, key, base_units(x), z[key])
-        elif kind == "base" and what == "error":
-            try:
-                base_units(x)
-                got = ""
-            except TokenizerInputError as e:
-                got = str(e)
-            yield compare_exact(case, key + "(raised?)", got != "", str(z[key]) != "")
-        else:
-            yield not_implemented(case, key, "expressive tokenizer (HuBERT+pitch+style) is wired by the lead (speech.py)")
-    yield compare_exact(case, "maxchunk29000_base_hubert", base_units(rec, 29000), z["maxchunk29000_base_hubert"])
-    for key in ("maxchunk29000_expr_hubert", "maxchunk29000_expr_pitch", "maxchunk29000_expr_style"):
-        yield not_implemented(case, key, "expressive tokenizer (HuBERT+pitch+style) is wired by the lead (speech.py)")
+    yield from hubert_chunking_tokenizer_quantities(gs, case, z)
 
     # (4) HubertTokenizer(max_chunk=32000): per-chunk dense features concatenated
     dense = tok.encode_dense(rec, max_chunk=32000, min_chunk=400)

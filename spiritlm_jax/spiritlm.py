@@ -152,12 +152,13 @@ class SpiritLM:
     def generate_batch(self, batch_inputs: Sequence[Any] | None = None, *, prompts: Sequence[str] | None = None,
                        output_modality: Any = OutputModality.ARBITRARY, generation_config: dict | None = None,
                        force_tokens_to_output_modality: bool = True, speaker_id: int = 2, return_prompt: bool = False,
-                       seed: int | None = None, return_ids: bool = False, **kwargs):
+                       seed: int | None = None, return_ids: bool = False, decode: bool = True, **kwargs):
         """Many prompts in ONE engine call (prompts of any lengths; per-row modality masks).
 
         ``batch_inputs``: a list whose items are what ``generate`` takes as ``interleaved_inputs``; or
         ``prompts``: ready token strings. ``output_modality``: one for all, or one per prompt.
-        Returns a list of output lists (and of prompts with ``return_prompt``).
+        Returns a list of output lists (and of prompts with ``return_prompt``; and the new token ids per
+        row with ``return_ids``). ``decode=False`` skips text/speech decoding and returns the ids alone.
         """
         from .infer.engine import generate as engine_generate
 
@@ -178,11 +179,13 @@ class SpiritLM:
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
         new_ids, _ = engine_generate(self.cfg, self.params, ids, sampling, banned, seed=seed, mesh=self.mesh,
                                      eos_id=self.tokenizer.vocab.eos_id)
-        decode = self._decode_speech(speaker_id)
+        if not decode:
+            return new_ids
+        decode_speech = self._decode_speech(speaker_id)
         results = []
         for p, pid, nid, m in zip(prompts, ids, new_ids, mods):
             full = self.tokenizer.decode(pid + nid)
-            results.append(P.decode_generated_output(full, p, m, decode))
+            results.append(P.decode_generated_output(full, p, m, decode_speech))
         out = (results, prompts) if return_prompt else results
         return (out, new_ids) if return_ids else out
 
