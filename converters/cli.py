@@ -104,7 +104,6 @@ def _self_check(src_dir, conv_dir) -> str:
         from transformers import LlamaForCausalLM
     except ImportError:
         return "skipped (torch/transformers not installed)"
-    import jax
     import jax.numpy as jnp
 
     from .llama import load_converted

@@ -170,13 +170,14 @@ def _stored_dtype(model_dir: Path, dtype: str | None) -> str:
 def stream_convert(model_dir: Path, params_dir: Path, cfg: LlamaConfig, *, scan_layers: bool, dtype: str,
                    allow_classes=(), progress: bool = False) -> None:
     """Convert tensor by tensor straight into an orbax checkpoint (peak memory ≈ a few tensors)."""
-    from spiritlm_jax.models.llama import Llama
-    from .orbax_io import StreamingWriter
+    import flax.linen as nn
 
-    run_cfg = cfg.replace(scan_layers=scan_layers)
-    abstract = jax_eval_params(Llama(run_cfg))
+    from spiritlm_jax.models.llama import abstract_params
+    from .orbax_io import StreamingWriter, leaf_items
+
+    abstract = nn.meta.unbox(abstract_params(cfg.replace(scan_layers=scan_layers)))
     leaves = {}
-    for keys, leaf in _flatten(abstract):
+    for keys, leaf in leaf_items(abstract):
         leaves[keys] = (leaf.shape, np.dtype(dtype_of(dtype)), scan_layers and keys[0] == "layers")
     writer = StreamingWriter(params_dir, leaves)
     src = np.dtype(dtype_of(dtype))
@@ -195,23 +196,6 @@ def stream_convert(model_dir: Path, params_dir: Path, cfg: LlamaConfig, *, scan_
     writer.close()
 
 
-def jax_eval_params(model):
-    import jax
-    import jax.numpy as jnp
-    import flax.linen as nn
-
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    return nn.meta.unbox(abstract)
-
-
-def _flatten(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k in sorted(tree):
-            yield from _flatten(tree[k], prefix + (k,))
-    else:
-        yield prefix, tree
-
-
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 FORMAT = "spiritlm-jax/llama"
 
@@ -219,8 +203,6 @@ FORMAT = "spiritlm-jax/llama"
 def convert_llama(model_dir: str | Path, out_dir: str | Path, *, scan_layers: bool = True, dtype: str | None = None,
                   allow_classes=(), overwrite: bool = False, progress: bool = False) -> Path:
     """HF Llama directory → our converted directory (orbax params + config + tokenizer files)."""
-    import orbax.checkpoint as ocp
-
     model_dir, out_dir = Path(model_dir), Path(out_dir).absolute()
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -263,8 +245,7 @@ def load_converted(conv_dir: str | Path, *, mesh=None, dtype: str = "float32", p
     import orbax.checkpoint as ocp
     import flax.linen as nn
 
-    from spiritlm_jax.models.llama import Llama, stack_layers, unstack_layers
-    from spiritlm_jax import sharding as shd
+    from spiritlm_jax.models.llama import abstract_params, param_shardings, stack_layers, unstack_layers
 
     conv_dir = Path(conv_dir).absolute()
     runtime = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
@@ -272,11 +253,9 @@ def load_converted(conv_dir: str | Path, *, mesh=None, dtype: str = "float32", p
     stored_scan = layout == "scan"
     want_scan = stored_scan if scan_layers is None else scan_layers
     stored_cfg = cfg.replace(scan_layers=stored_scan)
-    boxed = jax.eval_shape(lambda: Llama(stored_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    specs = nn.get_partition_spec(boxed)
-    abstract = nn.meta.unbox(boxed)
+    abstract = nn.meta.unbox(abstract_params(stored_cfg))
     if mesh is not None:
-        shardings = shd.logical_sharding(specs, mesh, abstract)
+        shardings = param_shardings(stored_cfg, mesh)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype_of(param_dtype), sharding=s), abstract, shardings)
     else:
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype_of(param_dtype)), abstract)

@@ -28,10 +28,11 @@ import numpy as np
 from .torch_io import CheckpointError
 
 
-def _leaf_items(tree, prefix=()):
+def leaf_items(tree, prefix=()):
+    """(key path, leaf) pairs of a nested-dict pytree, in sorted key order."""
     if isinstance(tree, dict):
         for k in sorted(tree):
-            yield from _leaf_items(tree[k], prefix + (k,))
+            yield from leaf_items(tree[k], prefix + (k,))
     else:
         yield prefix, tree
 

@@ -232,15 +232,9 @@ def _place(params, cfg: LlamaConfig, mesh):
 
     if mesh is None:
         return jax.tree.map(jnp.asarray, params)
-    import flax.linen as nn
+    from .models.llama import param_shardings
 
-    from .converters.llama import jax_eval_params
-    from .models.llama import Llama
-    from . import sharding as shd
-
-    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh, jax_eval_params(Llama(cfg)))
-    return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
+    return jax.tree.map(lambda a, s: jax.device_put(a, s), params, param_shardings(cfg, mesh))
 
 
 __all__ = ["SpiritLM", "GenerationInput", "GenerationOutput", "OutputModality", "ContentType"]

@@ -213,6 +213,20 @@ class Llama(nn.Module):
         return logits.astype(jnp.float32), cache
 
 
+def abstract_params(cfg: LlamaConfig):
+    """Parameter shapes/dtypes without allocating them, still boxed with their logical axis names
+    (``nn.get_partition_spec`` reads those; ``nn.meta.unbox`` strips them)."""
+    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def param_shardings(cfg: LlamaConfig, mesh):
+    """NamedSharding of every parameter, from the logical rules (uneven dimensions replicated)."""
+    from .. import sharding as shd
+
+    boxed = abstract_params(cfg)
+    return shd.logical_sharding(nn.get_partition_spec(boxed), mesh, nn.meta.unbox(boxed))
+
+
 # ------------------------------------------------------------------------------------------ cache
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
