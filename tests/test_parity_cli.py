@@ -1,0 +1,53 @@
+"""The `spiritlm-jax parity` command: table, JSON records, exit codes, --only, unknown case files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from spiritlm_jax.cli import main
+from spiritlm_jax.converters.parity import compare_close, compare_exact
+
+
+def test_parity_lm_cases_pass_with_json(golden_dir, tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    rc = main(["parity", str(golden_dir), "--only", "lm_base,lm_expressive", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert rc == 0, table
+    recs = json.loads(out.read_text())
+    assert {r["case"] for r in recs} == {"lm_base.npz", "lm_expressive.npz"}
+    for r in recs:
+        assert set(r) >= {"case", "quantity", "max_abs_error", "tolerance", "pass", "status"}
+        assert r["status"] == "pass" and r["pass"] is True
+    logits = [r for r in recs if r["quantity"] == "logits_fp32"]
+    assert len(logits) == 2 and all(r["max_abs_error"] <= r["tolerance"] == 1e-5 for r in logits)
+    assert "case" in table.splitlines()[0] and "max abs error" in table.splitlines()[0]
+
+
+def test_unknown_case_file_fails_the_run(golden_dir, tmp_path, capsys):
+    g = tmp_path / "golden"
+    (g / "cases").mkdir(parents=True)
+    (g / "checkpoints").symlink_to(golden_dir / "checkpoints")
+    shutil.copy(golden_dir / "cases" / "model_utils.json", g / "cases")
+    np.savez(g / "cases" / "mystery_component.npz", x=np.zeros(3))
+    out = tmp_path / "p.json"
+    rc = main(["parity", str(g), "--json", str(out)])
+    assert rc == 1
+    recs = {r["case"]: r for r in json.loads(out.read_text())}
+    assert recs["mystery_component.npz"]["status"] == "not-implemented"
+    assert recs["model_utils.json"]["status"] == "pass"
+    assert main(["parity", str(g), "--only", "nothing_"]) == 2
+    assert main(["parity", str(tmp_path / "missing")]) == 2
+    assert "not a golden set" in capsys.readouterr().err
+
+
+def test_compare_helpers_fail_when_they_should():
+    ok = compare_close("c", "q", np.ones(3), np.ones(3) + 1e-6, 1e-5)
+    assert ok.passed
+    assert not compare_close("c", "q", np.ones(3), np.ones(3) + 1e-3, 1e-5).passed
+    assert not compare_close("c", "q", np.ones(3), np.ones(4), 1.0).passed  # shape mismatch
+    assert not compare_close("c", "q", np.array([np.nan]), np.array([0.0]), 1.0).passed
+    assert not compare_exact("c", "q", np.array([1, 2]), np.array([1, 3])).passed
+    assert not compare_exact("c", "q", "abc", np.str_("abd")).passed
+    assert compare_exact("c", "q", "abc", np.str_("abc")).passed
