@@ -51,3 +51,14 @@ def test_compare_helpers_fail_when_they_should():
     assert not compare_exact("c", "q", np.array([1, 2]), np.array([1, 3])).passed
     assert not compare_exact("c", "q", "abc", np.str_("abd")).passed
     assert compare_exact("c", "q", "abc", np.str_("abc")).passed
+
+
+def test_every_golden_case_file_has_a_runner(golden_dir):
+    """Every case file of the set is claimed by an importable runner; the component tests (test_hubert,
+    test_style, test_quantizer, test_pitch_tokenizer, test_hifigan, test_units, test_prompting,
+    test_parity_cli) then run each of them and require every quantity to pass."""
+    from spiritlm_jax.converters.parity import INPUT_FILES, GoldenSet, _load_runner
+
+    gs = GoldenSet(golden_dir)
+    missing = [c for c in gs.case_files() if c not in INPUT_FILES and _load_runner(c)[0] is None]
+    assert not missing
