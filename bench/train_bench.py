@@ -7,7 +7,6 @@ fp32 on both sides (bf16 matmuls are emulated on this CPU). One process, one run
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
 import time

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spiritlm_jax.converters.llama import convert_llama, load_converted, load_hf_params
+from spiritlm_jax.converters.llama import load_converted, load_hf_params
 from spiritlm_jax.models.llama import Llama
 from spiritlm_jax.text import TextTokenizer, Vocab
 from spiritlm_jax.train.vocab import (VocabExtensionError, extend_checkpoint, extend_tokenizer_proto, padded_rows,

@@ -66,7 +66,6 @@ def main(argv=None) -> int:
             os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n_dev}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    import numpy as np
 
     mode, why = "simulated-cpu", ""
     devices = None

@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import flax.linen as nn
 import jax
@@ -40,7 +40,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spiritlm_jax import sharding as shd
-from spiritlm_jax.config import LlamaConfig, dtype_of
+from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.models.llama import Llama
 
 from .config import TrainConfig
