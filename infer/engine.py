@@ -94,8 +94,8 @@ def _generate_jit(params, tokens, lengths, banned, rng, cache, *, cfg: LlamaConf
     B, P = tokens.shape
     V = cfg.vocab_size
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache, logits_at=lengths - 1)
+    last = logits[:, 0]  # (B, V): each row's last prompt position
 
     N = s.max_new_tokens
     out = jnp.full((B, N), pad_id, jnp.int32)

@@ -197,7 +197,9 @@ class TextTokenizer:
         """
         path = Path(path)
         if n_embed is None:
-            n_embed = _read_json(path / "config.json").get("vocab_size")
+            cfg = _read_json(path / "config.json")
+            # an HF config.json, or ours from 'spiritlm-jax convert' ({"format": ..., "llama": {...}})
+            n_embed = cfg.get("vocab_size", cfg.get("llama", {}).get("vocab_size"))
         tcfg = _read_json(path / "tokenizer_config.json")
         aps = tcfg.get("add_prefix_space")
         return cls(path / "tokenizer.model", add_bos=True, add_eos=False, n_embed=n_embed,

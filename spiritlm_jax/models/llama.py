@@ -152,7 +152,9 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                 cache: Any = None, return_hidden: bool = False):
+                 cache: Any = None, return_hidden: bool = False, logits_at: Array | None = None):
+        """``logits_at`` (B,) int: compute logits only at that position of each row (→ (B, 1, V)); a
+        prefill needs just the last prompt position, which saves the LM head on every other one."""
         cfg = self.config
         dt = dtype_of(cfg.dtype)
         B, T = tokens.shape
@@ -200,6 +202,8 @@ class Llama(nn.Module):
                 new.append(c)
             cache = None if cache is None else new
 
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
         x = RMSNorm(cfg.rms_norm_eps, cfg, name="final_norm")(x)
         if return_hidden:
             return x, cache
