@@ -134,7 +134,7 @@ def check_layout(root: Path, variant: str, source: str) -> None:
                         f"Spirit LM checkpoints/ folder, holding speech_tokenizer/ and spiritlm_model/.")
     missing = [f for f in required_files(variant) if not (root / f).is_file()]
     if missing:
-        shown = "\n  ".join(missing[:12]) + (f"\n  ... and {len(missing) - 12} more" if len(missing) > 12 else "")
+        shown = "\n  ".join(missing)  # at most 17 files
         raise DemoError(
             f"{root} (from {source}) is not a complete Spirit LM checkpoints/ folder for the {variant} model; "
             f"missing {len(missing)} file(s):\n  {shown}\nExpected the original layout: "
@@ -225,7 +225,8 @@ def plot(path: Path, wav: np.ndarray, title: str, analysis: dict, note: str | No
             ax2.set_ylim(-1, 64)
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+            ax.legend(h1 + h2, l1 + l2, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8,
+                      frameon=False)
         if np.all(np.isnan(analysis["f0"])):
             ax.text(0.5, 0.5, "no voiced frame detected", transform=ax.transAxes, ha="center", va="center")
     else:
