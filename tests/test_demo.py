@@ -110,7 +110,8 @@ def test_checkpoints_flag_on_an_original_layout_copy(tiny_tree, tmp_path, capsys
     shutil.copytree(tiny_tree[1], copy)
     (copy / A.MARKER).unlink()  # nothing of the cache machinery is needed
     out = tmp_path / "out"
-    rc = cli_main(["demo", "--checkpoints", str(copy), "--variant", "base", "--out", str(out), "--max-new-tokens", "40"])
+    rc = cli_main(["demo", "--checkpoints", str(copy), "--variant", "base", "--out", str(out),
+                   "--max-new-tokens", "40"])
     std = capsys.readouterr()
     assert rc == 0, std.err
     assert "weights are RANDOM" not in std.out and str(copy) in std.out
@@ -237,7 +238,8 @@ def test_tree_has_the_original_layout_and_vocabulary(tiny_tree):
         voc = tok.vocab
         # REFERENCE.md §9.1: the original ids
         assert (voc.text_marker, voc.speech_marker) == (32000, 32001)
-        assert voc.hubert == range(32002, 32503) and voc.pitch == range(32503, 32567) and voc.style == range(32567, 32667)
+        assert voc.hubert == range(32002, 32503) and voc.pitch == range(32503, 32567)
+        assert voc.style == range(32567, 32667)
         assert tok.pieces[3] == "<0x00>" and tok.pieces[31999].startswith("<unused_")
         s = "[Text] the river[Speech][St3][Pi5][Hu10][Hu499]"
         ids = tok.encode(s)
