@@ -85,8 +85,10 @@ def torch_load(path: str | os.PathLike, *, allow_classes: Iterable[str] = (), mm
     except pickle.UnpicklingError as e:
         msg = str(e)
         m = _UNSUPPORTED_GLOBAL.search(msg)
-        if m is None or "weights_only" not in msg and "Unsupported global" not in msg:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg.splitlines()[0]})") from e
+        if m is None or "Unsupported global" not in msg:
+            # (torch's own text suggests weights_only=False, which is wrong advice for a damaged file)
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: the file is corrupt, truncated or "
+                                  f"not a torch.save file; re-copy it from the original release") from e
         cls = m.group(1)
         raise UnsafePickleError(
             f"{path}: the pickle needs the class '{cls}', which is not on the allowlist, so it was NOT "

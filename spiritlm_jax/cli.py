@@ -25,30 +25,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available():
-    out = {}
-    for name, (mod, help_) in SUBCOMMANDS.items():
-        spec = importlib.util.find_spec(mod) if _parent_exists(mod) else None
-        if spec is not None:
-            out[name] = (mod, help_)
-    return out
-
-
-def _parent_exists(mod: str) -> bool:
-    try:
-        return importlib.util.find_spec(mod.rsplit(".", 1)[0]) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser. Only ``command``'s module is imported (to add its arguments), so ``--help``
+    is instant and one subcommand's missing optional dependency cannot break the others."""
     p = argparse.ArgumentParser(
         prog="spiritlm-jax",
         description="Spirit LM in JAX/Flax: convert the original checkpoints, prove parity, tokenize, "
-        "generate, train. Run 'spiritlm-jax COMMAND --help' for each command.",
+        "generate, train, evaluate. Run 'spiritlm-jax COMMAND --help' for each command.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (mod, help_) in _available().items():
+    for name, (mod, help_) in SUBCOMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_)
+            continue
         m = importlib.import_module(mod)
         sp = sub.add_parser(name, help=help_, description=(m.__doc__ or help_).strip(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
