@@ -1,4 +1,4 @@
-"""The batched continuation scorer (infer/scoring.py) on the golden tiny Llama: a hand computation of
+"""The batched continuation scorer (infer/scoring.py) on the demo's tiny Llama: a hand computation of
 the token-normalised log-likelihood, batched == one by one, no recompilation per batch, sharded ==
 single device, a model crafted to prefer given tokens, and bad inputs."""
 import jax
@@ -10,11 +10,22 @@ from spiritlm_jax.infer import scoring as S
 from spiritlm_jax.models.llama import Llama
 
 
+@pytest.fixture(scope="session")
+def eval_checkpoints(tmp_path_factory):
+    """The demo's tiny random checkpoints in the original layout (infer/demo_assets.py), built once."""
+    from spiritlm_jax.infer.demo_assets import write_tiny_checkpoints
+
+    root = tmp_path_factory.getbasetemp() / "eval_tiny_checkpoints"
+    if not (root / "spiritlm_model" / "spirit-lm-base-7b" / "config.json").is_file():
+        write_tiny_checkpoints(root, seed=0)
+    return root
+
+
 @pytest.fixture(scope="module")
-def lm(golden_dir):
+def lm(eval_checkpoints):
     from spiritlm_jax.spiritlm import SpiritLM
 
-    return SpiritLM.from_pretrained("spirit-lm-base-7b", checkpoints=golden_dir / "checkpoints", with_speech=False)
+    return SpiritLM.from_pretrained("spirit-lm-base-7b", checkpoints=eval_checkpoints, with_speech=False)
 
 
 def preference_params(cfg, params, good_ids, bad_ids, strength=8.0):

@@ -1,9 +1,8 @@
-"""Evaluation tasks on the golden tiny model with data built here (synthetic audio): a model crafted to
+"""Evaluation tasks on the demo's tiny random model (infer/demo_assets.py) with data built here (synthetic audio): a model crafted to
 prefer the right answer scores 100% and one preferring the wrong answer 0%; few-shot prompts match the
 documented formats byte for byte; STSP's few-shot fix; every task end to end through the CLI."""
 import copy
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -13,13 +12,12 @@ from spiritlm_jax.infer import eval_data as D
 from spiritlm_jax.infer import eval_tasks as E
 from spiritlm_jax.infer import metrics as M
 
-from test_eval_scoring import preference_params
+from test_eval_scoring import eval_checkpoints, preference_params  # noqa: F401 (session fixture)
 
 SR = 16000
 
 
 def _chirp(f0, n=8000, seed=0):
-    t = np.arange(n) / SR
     f = np.linspace(f0, 1.7 * f0, n)
     ph = 2 * np.pi * np.cumsum(f) / SR
     rng = np.random.default_rng(seed)
@@ -31,10 +29,10 @@ def _noise(n=8000, seed=0):
 
 
 @pytest.fixture(scope="module")
-def lm(golden_dir):
+def lm(eval_checkpoints):
     from spiritlm_jax.spiritlm import SpiritLM
 
-    return SpiritLM.from_pretrained("spirit-lm-base-7b", checkpoints=golden_dir / "checkpoints")
+    return SpiritLM.from_pretrained("spirit-lm-base-7b", checkpoints=eval_checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -286,12 +284,12 @@ def _cli(args):
     return main(["eval", *args])
 
 
-def test_cli_every_task_end_to_end(lm, data, golden_dir, tmp_path, monkeypatch, capsys):
+def test_cli_every_task_end_to_end(lm, data, eval_checkpoints, tmp_path, monkeypatch, capsys):
     (tmp_path / "evalplug.py").write_text(
         "def asr(wavs):\n    return ['hello world'] * len(wavs)\n"
         "def sentiment(xs):\n    return ['Positive'] * len(xs)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    ck = ["--checkpoints", str(golden_dir / "checkpoints"), "--batch-size", "4"]
+    ck = ["--checkpoints", str(eval_checkpoints), "--batch-size", "4"]
     root = data / "stsp_data"
     runs = {
         "swuggy": ["--data", str(data / "lexical" / "dev")],
@@ -320,8 +318,8 @@ def test_cli_every_task_end_to_end(lm, data, golden_dir, tmp_path, monkeypatch, 
     assert st["prompts"]["few_shot_prefix"].startswith("[Speech][Hu") and len(st["prompts"]["few_shot_rows"]) == 3
 
 
-def test_cli_bad_inputs(data, golden_dir, tmp_path, capsys):
-    ck = ["--checkpoints", str(golden_dir / "checkpoints")]
+def test_cli_bad_inputs(data, eval_checkpoints, tmp_path, capsys):
+    ck = ["--checkpoints", str(eval_checkpoints)]
     assert _cli(["stsp", "--data", str(data / "stsp_data" / "manifest" / "emov" / "emov.test.jsonl"), *ck]) == 2
     assert "needs --classifier" in capsys.readouterr().err
     assert _cli(["swuggy", "--data", str(tmp_path / "missing.jsonl"), *ck]) == 2
