@@ -10,6 +10,7 @@
   spiritlm-jax eval asr  --data LibriSpeech/test-clean --shots LibriSpeech/train-clean-100 --n-shot 10
   spiritlm-jax eval tts  --data LibriSpeech/test-clean --shots LibriSpeech/train-clean-100 --asr-model mypkg:asr
   spiritlm-jax eval intent --data stop_test.jsonl --shots stop_train.jsonl --n-shot 10
+  spiritlm-jax eval mmlu --data mmlu_data --n-shot 5                    # data/{dev,test}/<subject>_*.csv
 
 Likelihood tasks score a continuation by its token-normalised log-likelihood (--normalization sum for
 the plain sum); generation tasks run through the batched engine. Every run writes a results JSON
@@ -26,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-TASKS = ("swuggy", "sblimp", "pairs", "storycloze", "topic-storycloze", "stsp", "asr", "tts", "intent")
+TASKS = ("swuggy", "sblimp", "pairs", "storycloze", "topic-storycloze", "mmlu", "stsp", "asr", "tts", "intent")
 
 
 def add_arguments(p):
@@ -43,7 +44,7 @@ def add_arguments(p):
     p.add_argument("--shots", default=None,
                    help="shot pool (asr/tts/intent; default: taken from --data and removed from it) or the STSP "
                         "few-shot jsonl (default: <stsp root>/manifest/few_shot/<dir>.jsonl)")
-    p.add_argument("--n-shot", type=int, default=None, help="number of shots (default: 10 asr/tts/intent, 0 stsp)")
+    p.add_argument("--n-shot", type=int, default=None, help="number of shots (default: 10 asr/tts/intent, 5 mmlu, 0 stsp)")
     p.add_argument("--stsp-root", default=None,
                    help="STSP data root holding data/ (default: two folders above the manifest's folder)")
     p.add_argument("--classifier", default=None, help="STSP sentiment classifier (folder or module:function)")
@@ -86,6 +87,12 @@ def run_task(args, lm):
     t = args.task
     if t in ("swuggy", "sblimp", "pairs"):
         return E.run_pairs(r, _limit(D.read_pairs(args.data), args.limit), t)
+    if t == "mmlu":
+        test = D.read_mmlu(args.data, "test")
+        if args.limit:
+            test = {k: v[: args.limit] for k, v in test.items()}
+        n = 5 if args.n_shot is None else args.n_shot
+        return E.run_mmlu(r, test, D.read_mmlu(args.data, "dev") if n else None, n_shot=n)
     if t in ("storycloze", "topic-storycloze"):
         return E.run_storycloze(r, _limit(D.read_storycloze(args.data), args.limit), args.direction or "T", t)
     lower = not args.no_lowercase

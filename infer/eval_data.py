@@ -253,3 +253,43 @@ def read_labelled(path: str | os.PathLike, label_key: str = "label") -> list[Utt
 
 __all__ = ["DataError", "PairItem", "ClozeItem", "Utterance", "read_pairs", "read_storycloze", "read_utterances",
            "read_labelled", "read_jsonl"]
+
+
+# ------------------------------------------------------------------------------------------ MMLU
+@dataclasses.dataclass
+class MCQItem:
+    """One multiple-choice question (MMLU): 4 choices, ``answer`` is the index of the right one."""
+
+    id: str
+    subject: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def _read_mmlu_csv(path: Path, subject: str) -> list[MCQItem]:
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row:
+                continue
+            if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                raise DataError(f"{path}: row {i + 1} is not 'question,A,B,C,D,answer' with answer in A-D: {row[:1]}…")
+            out.append(MCQItem(f"{subject}/{i}", subject, row[0], tuple(row[1:5]), "ABCD".index(row[5].strip())))
+    return out
+
+
+def read_mmlu(folder: str | os.PathLike, split: str = "test") -> dict[str, list[MCQItem]]:
+    """The standard MMLU release layout (Hendrycks et al.): ``<folder>/<split>/<subject>_<split>.csv``
+    with header-less rows ``question,A,B,C,D,answer``; the 5-shot exemplars are ``dev/<subject>_dev.csv``.
+    Returns {subject: items}."""
+    d = Path(folder) / split
+    if not d.is_dir():
+        raise DataError(f"{d} not found: MMLU expects <data>/{split}/<subject>_{split}.csv (the original release layout)")
+    out = {}
+    for f in sorted(d.glob(f"*_{split}.csv")):
+        subject = f.name[: -len(f"_{split}.csv")]
+        out[subject] = _read_mmlu_csv(f, subject)
+    if not out:
+        raise DataError(f"{d} holds no *_{split}.csv file")
+    return out

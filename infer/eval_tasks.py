@@ -624,3 +624,41 @@ def run_stsp(runner: Runner, records: Sequence[dict], direction: str, classifier
 __all__ = ["EvalError", "EvalResult", "Runner", "PAPER", "pair_requests", "run_pairs", "cloze_requests",
            "run_storycloze", "parse_direction", "sample_shots", "asr_prompt", "tts_prompt", "intent_context",
            "run_asr", "run_tts", "run_intent", "stsp_few_shot_prompt", "run_stsp", "load_callable", "leading_speech"]
+
+
+# ------------------------------------------------------------------------------------------ MMLU
+def mmlu_block(item, with_answer: bool) -> str:
+    """One question in the standard MMLU prompt format (Hendrycks et al.; as lm-eval-harness)."""
+    s = item.question.strip() + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", item.choices)) + "\nAnswer:"
+    return s + (f" {'ABCD'[item.answer]}\n\n" if with_answer else "")
+
+
+def mmlu_context(subject: str, shots, item) -> str:
+    head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return TEXT + head + "".join(mmlu_block(s, True) for s in shots) + mmlu_block(item, False)
+
+
+def run_mmlu(runner: Runner, test: dict, dev: dict | None = None, *, n_shot: int = 5) -> EvalResult:
+    """MMLU in text (the paper's 36.9 for Spirit LM Base is 5-shot): for each question the continuations
+    " A".." D" are scored after the standard prompt (prefixed by [Text]) and the best is the prediction.
+    Accuracy is averaged over questions (micro) and over subjects (macro); both are reported."""
+    recs, per_subject = [], {}
+    for subject, items in test.items():
+        shots = list((dev or {}).get(subject, []))[:n_shot]
+        if n_shot and len(shots) < n_shot:
+            raise EvalError(f"MMLU subject {subject!r}: {n_shot} shots asked but dev/ has {len(shots)} questions")
+        ctxs = [mmlu_context(subject, shots, it) for it in items]
+        sc = runner.score([(c, f" {L}") for c in ctxs for L in "ABCD"]).reshape(len(items), 4)
+        preds = sc.argmax(-1)
+        for it, p, s in zip(items, preds, sc):
+            recs.append({"id": it.id, "answer": "ABCD"[it.answer], "pred": "ABCD"[int(p)],
+                         "scores": [float(x) for x in s]})
+        per_subject[subject] = float(np.mean(preds == np.array([it.answer for it in items])))
+    acc = float(np.mean([r["answer"] == r["pred"] for r in recs])) if recs else 0.0
+    return EvalResult("mmlu", {"accuracy": acc, "accuracy_macro": float(np.mean(list(per_subject.values()))),
+                               "n": len(recs), "per_subject": per_subject},
+                      {"n_shot": n_shot, "normalization": runner.normalization},
+                      {"template": "[Text]The following are multiple choice questions (with answers) about <subject>."
+                                   "\\n\\n(<question>\\nA. <a>\\nB. <b>\\nC. <c>\\nD. <d>\\nAnswer: <X>\\n\\n) x n_shot + "
+                                   "<question>\\nA. …\\nAnswer: | ' A'..' D' scored"},
+                      recs)

@@ -329,3 +329,41 @@ def test_cli_bad_inputs(data, eval_checkpoints, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"good": "a"}\n')
     assert _cli(["pairs", "--data", str(tmp_path / "bad.jsonl"), *ck]) == 2
     assert "needs 'good' and 'bad'" in capsys.readouterr().err
+
+
+def _mmlu_folder(root):
+    for split, n in (("dev", 5), ("test", 3)):
+        (root / split).mkdir(parents=True)
+        for subj in ("high_school_physics", "law"):
+            rows = [f'"What is {subj} q{i}?",alpha {i},beta {i},gamma {i},delta {i},B' for i in range(n)]
+            (root / split / f"{subj}_{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_mmlu_format_reader_and_preference_100_and_0(lm, eval_checkpoints, tmp_path):
+    root = _mmlu_folder(tmp_path / "mmlu")
+    test, dev = D.read_mmlu(root, "test"), D.read_mmlu(root, "dev")
+    assert sorted(test) == ["high_school_physics", "law"] and test["law"][0].answer == 1
+    ctx = E.mmlu_context("high_school_physics", dev["high_school_physics"][:1], test["high_school_physics"][0])
+    assert ctx == ("[Text]The following are multiple choice questions (with answers) about high school physics.\n\n"
+                   "What is high_school_physics q0?\nA. alpha 0\nB. beta 0\nC. gamma 0\nD. delta 0\nAnswer: B\n\n"
+                   "What is high_school_physics q0?\nA. alpha 0\nB. beta 0\nC. gamma 0\nD. delta 0\nAnswer:")
+    r = E.Runner(lm)
+    letter = {L: set(r.split("Answer:", f" {L}")[1]) for L in "ABCD"}
+    others = set().union(*(letter[L] for L in "ACD"))
+    for sign, expected in ((1, 1.0), (-1, 0.0)):
+        p = preference_params(lm.cfg, lm.params, sorted(letter["B"] - others), sorted(others - letter["B"]),
+                              strength=6.0 * sign)
+        res = E.run_mmlu(E.Runner(_with_params(lm, p)), test, dev, n_shot=5)
+        assert res.metrics["accuracy"] == expected and res.metrics["n"] == 6
+        assert res.metrics["per_subject"] == {"high_school_physics": expected, "law": expected}
+    with pytest.raises(E.EvalError, match="shots"):
+        E.run_mmlu(r, test, {"law": dev["law"][:2]}, n_shot=5)
+    bad = tmp_path / "bad" / "test"
+    bad.mkdir(parents=True)
+    (bad / "x_test.csv").write_text("q,a,b,c,d,E\n")
+    with pytest.raises(D.DataError, match="answer in A-D"):
+        D.read_mmlu(tmp_path / "bad")
+    assert _cli(["mmlu", "--data", str(root), "--checkpoints", str(eval_checkpoints), "--n-shot", "1",
+                 "--output", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["n"] == 6
