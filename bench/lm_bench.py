@@ -22,14 +22,20 @@ import time
 import numpy as np
 
 
-def measure_bandwidth(gb: float = 1.0, reps: int = 5) -> float:
+def measure_bandwidth(gb: float = 1.0, reps: int = 5, threads: int | None = None) -> float:
+    """Read bandwidth: every thread sums its own slice of a large array (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or os.cpu_count() or 2
     a = np.ones(int(gb * 1e9 / 4), np.float32)
-    a.sum()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a.sum()
-        ts.append(time.perf_counter() - t)
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(np.sum, parts))
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            ts.append(time.perf_counter() - t)
     return a.nbytes / min(ts)
 
 
@@ -39,6 +45,7 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--scan", action="store_true", help="layers under nn.scan (training layout) instead of unrolled")
     a = ap.parse_args()
 
     import jax
@@ -59,15 +66,18 @@ def main():
     torch.manual_seed(0)
     hf = LlamaForCausalLM(hf_cfg).float().eval()
     n_params = sum(p.numel() for p in hf.parameters())
-    cfg = LlamaConfig.from_hf(hf_cfg.to_dict())
-    params = convert_tensors(((k, torch_io.to_numpy(v)) for k, v in hf.state_dict().items()), cfg)
+    # unrolled layers: the inference default (SpiritLM.from_pretrained); --scan measures the training layout
+    cfg = LlamaConfig.from_hf(hf_cfg.to_dict(), scan_layers=a.scan)
+    params = convert_tensors(((k, torch_io.to_numpy(v)) for k, v in hf.state_dict().items()), cfg,
+                             scan_layers=a.scan)
     params = jax.tree.map(jnp.asarray, params)
 
     bw = measure_bandwidth()
     bytes_per_token = 4 * (n_params - cfg.vocab_size * cfg.hidden_size)
     roofline = bw / bytes_per_token
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
-          f"torch {torch.__version__}; read bandwidth {bw / 1e9:.1f} GB/s")
+          f"torch {torch.__version__}; read bandwidth {bw / 1e9:.1f} GB/s ({os.cpu_count()} threads); "
+          f"layers {'scanned' if a.scan else 'unrolled'}")
     print(f"model: {n_params / 1e6:.1f} M params; batch-1 decode roofline {roofline:.1f} tokens/s "
           f"({bytes_per_token / 1e6:.0f} MB read per token)")
 

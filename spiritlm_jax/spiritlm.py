@@ -64,7 +64,7 @@ class SpiritLM:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, checkpoints: str | os.PathLike | None = None,
                         speech_checkpoints: str | os.PathLike | None = None, dtype: str | None = None,
                         mesh=None, f0_backbone: str = "fcpe", with_speech: bool = True,
-                        variant: str | None = None) -> "SpiritLM":
+                        variant: str | None = None, scan_layers: bool = False) -> "SpiritLM":
         """``name_or_path``: a variant name (``spirit-lm-base-7b``, ``spirit-lm-expressive-7b``, or
         ``base``/``expressive``) resolved under ``checkpoints`` / $SPIRITLM_CHECKPOINTS_DIR (the
         original's layout), or a directory: the original HF LM folder or our converted one.
@@ -73,6 +73,9 @@ class SpiritLM:
         the grand-parent of an LM folder inside an original tree).
         ``variant`` (base / expressive) is read from the name, the folder name, our converted config, or
         the vocabulary size (32512 Base, 32768 Expressive); pass it when none of these tells.
+        ``scan_layers``: False (default) runs the layers unrolled, which decodes 2–2.5× faster on CPU than
+        ``nn.scan`` (a scanned decode step re-slices every layer's weights and cache each token: measured
+        11.9 vs 27.5 ms per step at 135 M parameters, batch 1); True compiles faster for very deep models.
         """
         from .converters.llama import FORMAT, load_converted, load_hf_params
 
@@ -91,9 +94,9 @@ class SpiritLM:
             root = speech_checkpoints or root
         meta = json.loads((lm_dir / "config.json").read_text())
         if meta.get("format") == FORMAT:
-            cfg, params = load_converted(lm_dir, mesh=mesh, dtype=dtype, param_dtype=dtype)
+            cfg, params = load_converted(lm_dir, mesh=mesh, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
         else:
-            cfg, params = load_hf_params(lm_dir, dtype=dtype)
+            cfg, params = load_hf_params(lm_dir, dtype=dtype, scan_layers=scan_layers)
             cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
             params = _place(params, cfg, mesh)
         tok = TextTokenizer.from_dir(lm_dir, n_embed=cfg.vocab_size)

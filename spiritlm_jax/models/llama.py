@@ -239,8 +239,8 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
     dtype = dtype or dtype_of(cfg.dtype)
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim_)
     if cfg.scan_layers:
-        z = jnp.zeros((cfg.num_hidden_layers,) + shape, dtype)
-        return {"k": z, "v": z}
+        shape = (cfg.num_hidden_layers,) + shape
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # two buffers: donatable
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
 
 
