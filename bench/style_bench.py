@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         "",
         f"Compile (ours, first call per shape, excluded above): batch 1 {compile1:.1f} s, batch {args.batch} {compileB:.1f} s.",
         f"Work: ≈{fl / 1e9:.0f} GFLOP per {args.seconds:g} s item (conv stack, 12 layers, projector), so the 2-core "
-        f"ceiling is ≈{PEAK_FLOPS / fl * args.seconds:.0f} audio s/s.",
+        f"nominal ceiling is ≈{PEAK_FLOPS / fl * args.seconds:.0f} audio s/s (this CPU runs above the nominal 180 GFLOP/s when quiet).",
         f"Agreement (random weights, item 0): style units identical on {unit_eq:.0%} of seconds; the original "
         f"encodes one utterance per call, ours runs encode_batch (two jitted calls of 8 rows).",
     ]
