@@ -279,3 +279,20 @@ def test_loss_falls_on_tiny_prepared_corpus(tmp_path, golden_dir, capsys):
     assert rows[-1]["loss_speech"] is None  # text-only corpus: no speech targets
     state = json.loads(next((ck / "30" / "data").glob("process_0-of-1.json")).read_text())
     assert state  # grain's iterator state, restored on resume
+
+
+def test_readme_train_command_runs(tmp_path, monkeypatch):
+    """The README's tiny training command, exactly as written there, runs end to end."""
+    import shlex
+    from pathlib import Path
+
+    from spiritlm_jax.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- readme:train -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    argv = shlex.split(block.strip())
+    assert argv[:2] == ["spiritlm-jax", "train"]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[1:]) == 0
+    out = tmp_path / "runs" / "tiny"
+    assert (out / "loss_curve.png").exists() and (out / "metrics.jsonl").exists()
