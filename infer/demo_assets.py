@@ -370,14 +370,7 @@ def write_vocoders(st: Path, seed: int) -> None:
 _PIECE_NORMAL, _PIECE_USER_DEFINED, _PIECE_UNUSED = 1, 4, 5
 
 
-def _varint(x: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = x & 0x7F
-        x >>= 7
-        out.append(b | (0x80 if x else 0))
-        if not x:
-            return bytes(out)
+from spiritlm_jax.text import encode_varint as _varint  # noqa: E402
 
 
 def _piece_record(piece: str, score: float, typ: int) -> bytes:

@@ -280,6 +280,17 @@ class TextTokenizer:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
 
 
+def encode_varint(x: int) -> bytes:
+    """A non-negative int as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        b = x & 0x7F
+        x >>= 7
+        out.append(b | (0x80 if x else 0))
+        if not x:
+            return bytes(out)
+
+
 class _SpModel:
     """The parts of a SentencePiece ``ModelProto`` we need, read straight from the protobuf wire format.
 
@@ -341,16 +352,6 @@ class _SpModel:
                 raise ValueError("truncated protobuf message")
             yield field, wire, val
 
-    @staticmethod
-    def _enc_varint(x: int) -> bytes:
-        out = bytearray()
-        while True:
-            b = x & 0x7F
-            x >>= 7
-            out.append(b | (0x80 if x else 0))
-            if not x:
-                return bytes(out)
-
     def without_dummy_prefix(self) -> bytes:
         """The serialized model with normalizer_spec.add_dummy_prefix = false (a later scalar field wins)."""
         off = bytes([3 << 3 | 0, 0])  # field 3, varint 0
@@ -370,12 +371,12 @@ class _SpModel:
                 i = j + size
                 if field == 3:
                     payload = self.buf[j:i] + off
-                    out += self._enc_varint(key) + self._enc_varint(len(payload)) + payload
+                    out += encode_varint(key) + encode_varint(len(payload)) + payload
                     done = True
                     continue
             out += self.buf[start:i]
         if not done:
-            out += self._enc_varint(3 << 3 | 2) + self._enc_varint(len(off)) + off
+            out += encode_varint(3 << 3 | 2) + encode_varint(len(off)) + off
         return bytes(out)
 
 
