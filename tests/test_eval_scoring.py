@@ -35,8 +35,9 @@ def preference_params(cfg, params, good_ids, bad_ids, strength=8.0):
     p = jax.tree.map(np.array, params)
     e = np.asarray(p["embed"]["embedding"][0], np.float32)
     p["embed"]["embedding"][:] = e
-    p["layers"]["attn"]["o"][:] = 0
-    p["layers"]["mlp"]["down"][:] = 0
+    for name in [k for k in p if k == "layers" or k.startswith("layers_")]:  # scanned or unrolled layout
+        p[name]["attn"]["o"][:] = 0
+        p[name]["mlp"]["down"][:] = 0
     h = e / np.sqrt(np.mean(e * e) + cfg.rms_norm_eps) * np.asarray(p["final_norm"]["scale"])
     u = h / np.dot(h, h)
     W = np.zeros_like(p["lm_head"])
