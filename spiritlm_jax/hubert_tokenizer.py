@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spiritlm_jax.audio import AudioError, load_audio
+from spiritlm_jax.audio import AudioError, chunk_audio, load_audio
 from spiritlm_jax.models.hubert import SpeechEncoder, SpeechEncoderConfig
 from spiritlm_jax.models.quantizer import (KmeansConfig, KmeansQuantizer, LinearQuantizer, LinearQuantizerConfig,
                                            fill_blanks, logits_to_raw_units)
@@ -32,6 +32,24 @@ HUBERT_MIN_CHUNK = 400
 
 class TokenizerInputError(AudioError):
     """The audio cannot be tokenized (e.g. too short for the conv stack)."""
+
+
+def encoder_chunks(wav: np.ndarray, max_chunk: int, min_chunk: int, receptive_field: int,
+                   model: str) -> list[np.ndarray]:
+    """The original's chunking (``audio.chunk_audio``) for a conv-stack encoder, with clear errors when
+    nothing is left to tokenize or a kept chunk is too short for one frame (the original fails in conv1d)."""
+    mn = int(min_chunk)
+    chunks = chunk_audio(wav, int(max_chunk), mn)
+    if not chunks:
+        raise TokenizerInputError(
+            f"the audio has {len(wav)} samples, fewer than min_chunk={mn}: nothing to tokenize "
+            f"(the original raises here too); pad or skip such inputs")
+    short = [len(c) for c in chunks if len(c) < receptive_field]
+    if short:
+        raise TokenizerInputError(
+            f"a chunk of {short[0]} samples is shorter than the {receptive_field} samples the {model} conv stack "
+            f"needs for one frame (the original fails in conv1d); give at least {receptive_field} samples per chunk")
+    return chunks
 
 
 def _round_up(n: int, m: int) -> int:
@@ -190,22 +208,8 @@ class HubertTokenizer:
         return load_audio(audio, sample_rate=sample_rate, channel=channel)
 
     def _chunks(self, wav: np.ndarray, max_chunk: int | None, min_chunk: int | None) -> list[np.ndarray]:
-        mx = self.max_chunk if max_chunk is None else int(max_chunk)
-        mn = self.min_chunk if min_chunk is None else int(min_chunk)
-        chunks = [wav[s:s + mx] for s in range(0, len(wav), mx) if len(wav[s:s + mx]) >= mn]
-        if not chunks:
-            raise TokenizerInputError(
-                f"the audio has {len(wav)} samples, fewer than min_chunk={mn}: nothing to tokenize "
-                f"(the original raises here too); pad or skip such inputs"
-            )
-        rf = self.cfg.receptive_field
-        short = [len(c) for c in chunks if len(c) < rf]
-        if short:
-            raise TokenizerInputError(
-                f"a chunk of {short[0]} samples is shorter than the {rf} samples the HuBERT conv stack needs "
-                f"for one frame (the original fails in conv1d); give at least {rf} samples per chunk"
-            )
-        return chunks
+        return encoder_chunks(wav, self.max_chunk if max_chunk is None else max_chunk,
+                              self.min_chunk if min_chunk is None else min_chunk, self.cfg.receptive_field, "HuBERT")
 
     def _encode_many(self, wavs: Sequence[np.ndarray], dense: bool, max_chunk, min_chunk,
                      intermediates: bool = False) -> list:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .audio import AudioError, load_audio
+from .audio import AudioError, chunk_audio, load_audio
 from .units import BASE_FORMAT, EXPRESSIVE_FORMAT, UnitStringError, UnitStringFormat, string_to_units
 
 MAX_WAV_CHUNK = 100 * 16_000
@@ -101,8 +101,7 @@ class SpeechTokenizer:
         return load_audio(audio, sample_rate=sample_rate, channel=channel_id), path
 
     def _chunks(self, wav: np.ndarray) -> list[np.ndarray]:
-        mx, mn = self.max_wav_chunk, self.min_wav_chunk
-        return [wav[s:s + mx] for s in range(0, len(wav), mx) if len(wav[s:s + mx]) >= mn]
+        return chunk_audio(wav, self.max_wav_chunk, self.min_wav_chunk)
 
     def encode_units_batch(self, audios: Sequence[Any], *, sample_rate: int | None = None,
                            channel_id: int | None = None, strict_original: bool | None = None) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from spiritlm_jax.audio import MAX_WAV_CHUNK, load_audio
-from spiritlm_jax.hubert_tokenizer import BatchedEncoderRunner, TokenizerInputError
+from spiritlm_jax.hubert_tokenizer import BatchedEncoderRunner, TokenizerInputError, encoder_chunks
 from spiritlm_jax.models.style import StyleEncoder, StyleEncoderConfig, normalize_waveform
 
 
@@ -53,18 +53,9 @@ class StyleTokenizer:
         return cls(cfg, params, **kw)
 
     def _chunks(self, wav: np.ndarray, max_chunk: int | None, min_chunk: int | None = None) -> list[np.ndarray]:
-        mx = self.max_chunk if max_chunk is None else int(max_chunk)
-        mn = self.min_chunk if min_chunk is None else int(min_chunk)
-        chunks = [wav[s:s + mx] for s in range(0, len(wav), mx) if len(wav[s:s + mx]) >= mn]
-        if not chunks:
-            raise TokenizerInputError(
-                f"the audio has {len(wav)} samples, fewer than min_chunk={mn} (the wav2vec2 conv stack needs "
-                f"{self.cfg.encoder.receptive_field} for one frame); give a longer input"
-            )
-        rf = self.cfg.encoder.receptive_field
-        if any(len(c) < rf for c in chunks):
-            raise TokenizerInputError(f"a chunk is shorter than the {rf} samples the wav2vec2 conv stack needs")
-        return chunks
+        return encoder_chunks(wav, self.max_chunk if max_chunk is None else max_chunk,
+                              self.min_chunk if min_chunk is None else min_chunk, self.cfg.encoder.receptive_field,
+                              "wav2vec2")
 
     def _run(self, wavs: Sequence[np.ndarray], max_chunk: int | None, intermediates: bool,
              min_chunk: int | None = None):
