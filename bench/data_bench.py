@@ -60,25 +60,25 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="write the section of bench/RESULTS.md")
     a = ap.parse_args()
 
-    from spiritlm_jax.train import prepare as P
+    from spiritlm_jax.train import prepare
     from spiritlm_jax.train.loader import LoaderConfig, make_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="data_bench_"))
     (tmp / "c").mkdir()
     audio_s = make_corpus(tmp / "c", a.files, a.seconds)
-    items, _ = P.discover(aligned=[str(tmp / "c")])
-    opts = P.PrepareOptions(speech_tokenizer=a.speech_tokenizer, progress=False)
+    items, _ = prepare.discover(aligned=[str(tmp / "c")])
+    opts = prepare.PrepareOptions(speech_tokenizer=a.speech_tokenizer, progress=False)
 
     # warm-up (model load + compile) on a 2-file corpus, timed separately
     t = time.perf_counter()
-    P.build_dataset({"aligned": items["aligned"][:2]}, str(tmp / "warm"), "warm", opts)
+    prepare.build_dataset({"aligned": items["aligned"][:2]}, str(tmp / "warm"), "warm", opts)
     warm_s = time.perf_counter() - t
     t = time.perf_counter()
-    data_dir, stats = P.build_dataset(items, str(tmp / "out"), "bench", opts)
+    data_dir, stats = prepare.build_dataset(items, str(tmp / "out"), "bench", opts)
     prep_s = time.perf_counter() - t
 
     # one file per call, same tokenizer, already compiled for these shapes by the runs above
-    ex = P.UnitExtractor(a.speech_tokenizer)
+    ex = prepare.UnitExtractor(a.speech_tokenizer)
     from spiritlm_jax.audio import load_audio
 
     wavs = [load_audio(it["audio"]) for it in items["aligned"]]

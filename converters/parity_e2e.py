@@ -18,8 +18,8 @@ from typing import Iterable
 
 import numpy as np
 
-from spiritlm_jax import prompting as P
-from spiritlm_jax import units as U
+from spiritlm_jax import prompting
+from spiritlm_jax import units as unit_strings
 from spiritlm_jax.converters.parity import GoldenSet, Result, compare_close, compare_exact, not_implemented
 from spiritlm_jax.text import TextTokenizer
 
@@ -67,10 +67,10 @@ def _exc_name(e: BaseException, expected: str) -> str:
 # ==================================================================================== units <-> string
 def _run_pair(fn: str, inp, kwargs: dict):
     if fn == "units_to_string":
-        return U.units_to_string(inp, **kwargs)
+        return unit_strings.units_to_string(inp, **kwargs)
     if fn == "string_to_units":
-        return U.string_to_units(inp, **kwargs)
-    fmt = {"spiritlm_base()": U.BASE_FORMAT, "spiritlm_expressive()": U.EXPRESSIVE_FORMAT}[fn.split(".")[0]]
+        return unit_strings.string_to_units(inp, **kwargs)
+    fmt = {"spiritlm_base()": unit_strings.BASE_FORMAT, "spiritlm_expressive()": unit_strings.EXPRESSIVE_FORMAT}[fn.split(".")[0]]
     return getattr(fmt, fn.split(".")[1])(inp, **kwargs)
 
 
@@ -133,7 +133,7 @@ def run_units_string(gs: GoldenSet, case: str) -> Iterable[Result]:
                 got_d = json.loads(got)
                 got_st = got_d.get("style", "").split()
                 if len(got_st) == len(ref_st) and len(set(ref_st + got_st)) <= 2 and \
-                        set(ref_st + got_st) <= {str(s) for s in U.MOST_COMMON_STYLES}:
+                        set(ref_st + got_st) <= {str(s) for s in unit_strings.MOST_COMMON_STYLES}:
                     got_d["style"] = p["output"]["style"]
                 got = _dumps(got_d)
             except (json.JSONDecodeError, AttributeError):
@@ -152,7 +152,7 @@ def run_units_string(gs: GoldenSet, case: str) -> Iterable[Result]:
         try:
             for s in range(len(data["style_fallback_seed0to7"])):
                 random.seed(s)
-                got.append(str(U.string_to_units("[Pi1][Hu1]")["style"]))
+                got.append(str(unit_strings.string_to_units("[Pi1][Hu1]")["style"]))
         finally:
             random.setstate(state)
         yield compare_exact(case, "style_fallback_seed0to7", np.array(got), np.array(data["style_fallback_seed0to7"]))
@@ -163,18 +163,18 @@ def run_model_utils(gs: GoldenSet, case: str) -> Iterable[Result]:
     if case.endswith(".npz"):
         z = gs.npz(case)
         for key in sorted(z):
-            got = np.asarray(P.get_forbidden_tokens(**json.loads(key)), dtype=np.int64)
+            got = np.asarray(prompting.get_forbidden_tokens(**json.loads(key)), dtype=np.int64)
             yield compare_exact(case, f"get_forbidden_tokens({key})", got, z[key])
         return
     data = gs.json(case)
     rows = data["string_predicates"]
     for fn in ("does_start_with_speech_token", "does_end_with_speech_token", "find_prompt_last_speech_start_position"):
-        f = getattr(P, fn)
+        f = getattr(prompting, fn)
         got = np.array([_dumps(f(r["input"])) for r in rows])
         ref = np.array([_dumps(r[fn]) for r in rows])
         yield compare_exact(case, f"{fn} ({len(rows)} strings)", got, ref)
     for key, summ in sorted(data.get("get_forbidden_tokens", {}).items()):
-        ids = P.get_forbidden_tokens(**json.loads(key))
+        ids = prompting.get_forbidden_tokens(**json.loads(key))
         got = {"len": len(ids), "min": min(ids) if ids else None, "max": max(ids) if ids else None}
         ref = {k: summ[k] for k in ("len", "min", "max")}
         yield compare_exact(case, f"get_forbidden_tokens({key}) len/min/max", _dumps(got), _dumps(ref))
@@ -254,7 +254,7 @@ def _decompose_prompt(prompt: str, speech_strings: list[str]):
 
 
 def _outputs_summary(outs) -> list:
-    return [{"type": o.content_type.value, "content": o.content} if o.content_type is P.ContentType.TEXT
+    return [{"type": o.content_type.value, "content": o.content} if o.content_type is prompting.ContentType.TEXT
             else {"type": "SPEECH"} for o in outs]
 
 
@@ -272,13 +272,13 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
         expressive = variant == "expressive"
         c = f"{case}:{variant}"
         yield compare_exact(c, "fixed_prompt_ids", np.array(tok.encode(d["fixed_prompt"])), np.array(d["fixed_prompt_ids"]))
-        got = {m: len(P.forbidden_tokens_for(m, expressive, tok.vocab)) for m in d["forbidden_token_counts"]}
+        got = {m: len(prompting.forbidden_tokens_for(m, expressive, tok.vocab)) for m in d["forbidden_token_counts"]}
         yield compare_exact(c, "forbidden_token_counts", _dumps(got), _dumps(d["forbidden_token_counts"]))
         npz = gs.npz(f"lm_{variant}.npz") if f"lm_{variant}.npz" in files else {}
         for m in ("TEXT", "SPEECH", "ARBITRARY"):
             if f"forbidden_{m}" in npz:
                 yield compare_exact(c, f"forbidden ids {m} (lm_{variant}.npz)",
-                                    np.asarray(P.forbidden_tokens_for(m, expressive, tok.vocab), dtype=np.int64),
+                                    np.asarray(prompting.forbidden_tokens_for(m, expressive, tok.vocab), dtype=np.int64),
                                     npz[f"forbidden_{m}"])
         if "input_ids" in npz:
             yield compare_exact(c, f"encode(prompt) (lm_{variant}.npz input_ids)",
@@ -294,14 +294,14 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
                 yield not_implemented(c, q + " prompt", "the prompt does not start with a modality marker")
                 continue
             items, unrecorded = dec
-            got = P.build_prompt(items, b["output_modality"], encode_speech=lambda s: s)
+            got = prompting.build_prompt(items, b["output_modality"], encode_speech=lambda s: s)
             note = f" ({unrecorded} speech input(s) not in the recorded strings, taken from the prompt)" if unrecorded else ""
             yield compare_exact(c, q + " prompt" + note, got, b["prompt"])
 
         # ---- parse_speech_and_text
         ps = d.get("parse_speech_and_text", [])
         if ps:
-            got = np.array([_dumps([list(x) for x in P.parse_speech_and_text(p["input"])]) for p in ps])
+            got = np.array([_dumps([list(x) for x in prompting.parse_speech_and_text(p["input"])]) for p in ps])
             ref = np.array([_dumps(p["output"]) for p in ps])
             yield compare_exact(c, f"parse_speech_and_text ({len(ps)} strings)", got, ref)
 
@@ -318,7 +318,7 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
                 if items is None:
                     yield not_implemented(c, q + " prompt", "the call's inputs are not derivable from the recorded strings")
                     continue
-                prompt = P.build_prompt(items, modality, encode_speech=speech.__getitem__)
+                prompt = prompting.build_prompt(items, modality, encode_speech=speech.__getitem__)
             if "prompt" in w:
                 yield compare_exact(c, q + " prompt", prompt, w["prompt"])
             yield compare_exact(c, q + " n_prompt_tokens", np.array(len(tok.encode(prompt))), np.array(w["n_prompt_tokens"]))
@@ -336,11 +336,11 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
             decode = _speech_tok(gs, variant).decode  # the wrapper's default speaker_id=2
             if w.get("error"):
                 # The original crashed while decoding this output; we must refuse it too (with a clear error).
-                err = _raises(lambda: P.decode_generated_output(full, prompt, modality, decode))
+                err = _raises(lambda: prompting.decode_generated_output(full, prompt, modality, decode))
                 yield compare_exact(c, q + f" refused like the original ({w['error'].split(':')[0]}; ours: {err or 'no error'})",
                                     np.array(bool(err)), np.array(True))
                 continue
-            outs = P.decode_generated_output(full, prompt, modality, decode)
+            outs = prompting.decode_generated_output(full, prompt, modality, decode)
             yield compare_exact(c, q + " outputs (types, texts)", _dumps(_outputs_summary(outs)),
                                 _dumps(_ref_outputs_summary(w["outputs"])))
             for o, r in zip(outs, w["outputs"]):
@@ -357,11 +357,11 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
 
             full_e = e["generated_content"]  # recorded as prompt + generation, as the original was called
             if e.get("error"):
-                err = _raises(lambda: P.decode_generated_output(full_e, e["prompt"], "ARBITRARY", decode1))
+                err = _raises(lambda: prompting.decode_generated_output(full_e, e["prompt"], "ARBITRARY", decode1))
                 yield compare_exact(c, q + f" refused like the original ({e['error'].split(':')[0]}; ours: {err or 'no error'})",
                                     np.array(bool(err)), np.array(True))
                 continue
-            outs = P.decode_generated_output(full_e, e["prompt"], "ARBITRARY", decode1)
+            outs = prompting.decode_generated_output(full_e, e["prompt"], "ARBITRARY", decode1)
             yield compare_exact(c, q + " outputs (types, texts)", _dumps(_outputs_summary(outs)),
                                 _dumps(_ref_outputs_summary(e["outputs"])))
             for o, r in zip(outs, e["outputs"]):
@@ -377,14 +377,14 @@ def run_tokenizer(gs: GoldenSet, case: str) -> Iterable[Result]:
         wav = z["input_wav"] if "input_wav" in z else gs.inputs()["synth_odd_wav"]
         if "base_hubert" in z:
             yield compare_exact(case, "units2string(base_hubert) == base_string",
-                                U.BASE_FORMAT.units2string({"hubert": str(z["base_hubert"])}), z["base_string"])
+                                unit_strings.BASE_FORMAT.units2string({"hubert": str(z["base_hubert"])}), z["base_string"])
             tok = _speech_tok(gs, "base")
             u = tok.encode_units(wav)
             yield compare_exact(case, "base_hubert = encode_units(input_wav)", u["hubert"], z["base_hubert"])
             yield compare_exact(case, "base_string = encode_string(input_wav)", tok.units2string(u), z["base_string"])
         if "expr_hubert" in z:
             ref = {"hubert": str(z["expr_hubert"]), "pitch": str(z["expr_pitch"]), "style": str(z["expr_style"])}
-            yield compare_exact(case, "units2string(expr_*) == expr_string", U.EXPRESSIVE_FORMAT.units2string(ref),
+            yield compare_exact(case, "units2string(expr_*) == expr_string", unit_strings.EXPRESSIVE_FORMAT.units2string(ref),
                                 z["expr_string"])
             tok = _speech_tok(gs, "expressive")
             u = tok.encode_units(wav)
@@ -394,7 +394,7 @@ def run_tokenizer(gs: GoldenSet, case: str) -> Iterable[Result]:
         return
     expressive = "units_pitch" in z
     variant = "expressive" if expressive else "base"
-    fmt = U.EXPRESSIVE_FORMAT if expressive else U.BASE_FORMAT
+    fmt = unit_strings.EXPRESSIVE_FORMAT if expressive else unit_strings.BASE_FORMAT
     keys = ("hubert", "pitch", "style") if expressive else ("hubert",)
     for k in keys:
         if f"units_{k}_int" in z:
@@ -516,7 +516,7 @@ def lm_npz_wrapper_quantities(gs: GoldenSet, case: str, keys: list[str]) -> Iter
     for k in sorted(keys):
         if k.startswith("forbidden_"):
             mod = k[len("forbidden_"):]
-            yield compare_exact(case, k, np.asarray(P.forbidden_tokens_for(mod, expressive, tok.vocab), np.int64), z[k])
+            yield compare_exact(case, k, np.asarray(prompting.forbidden_tokens_for(mod, expressive, tok.vocab), np.int64), z[k])
         elif k.endswith("_new_ids"):
             tag = k[: -len("_new_ids")]
             all_ids = z.get(f"{tag}_all_ids")
@@ -525,13 +525,13 @@ def lm_npz_wrapper_quantities(gs: GoldenSet, case: str, keys: list[str]) -> Iter
                 yield not_implemented(case, k, "needs <tag>_all_ids, its lm_wrapper.json call and logits_bf16_last4")
                 continue
             mod = _CALL_MOD.search(w["call"])
-            modality = P.to_output_modality((mod.group(1) or mod.group(2)) if mod else "ARBITRARY")
+            modality = prompting.to_output_modality((mod.group(1) or mod.group(2)) if mod else "ARBITRARY")
             cfg, params, fwd = gs.cached(f"llama:{variant}:bf16:e2e", build)
             logits = np.asarray(fwd(params, jnp.asarray(all_ids, jnp.int32)[None])[0])
             n_new = len(z[k])
             steps = logits[len(all_ids) - n_new - 1: len(all_ids) - 1]
-            if modality is not P.OutputModality.ARBITRARY:
-                steps = np.where(P.forbidden_mask(modality, tok.vocab, expressive, n_embed=cfg.vocab_size), -np.inf, steps)
+            if modality is not prompting.OutputModality.ARBITRARY:
+                steps = np.where(prompting.forbidden_mask(modality, tok.vocab, expressive, n_embed=cfg.vocab_size), -np.inf, steps)
             chosen = steps[np.arange(n_new), z[k]]
             margin = float(np.max(steps.max(-1) - chosen))
             ok = np.isfinite(margin) and margin <= band
@@ -551,7 +551,7 @@ def lm_npz_wrapper_quantities(gs: GoldenSet, case: str, keys: list[str]) -> Iter
                 items = _inputs_from_call(w["call"], speech)
                 mod = _CALL_MOD.search(w["call"])
                 if items is not None:
-                    prompt = P.build_prompt(items, (mod.group(1) or mod.group(2)) if mod else "ARBITRARY",
+                    prompt = prompting.build_prompt(items, (mod.group(1) or mod.group(2)) if mod else "ARBITRARY",
                                             encode_speech=speech.__getitem__)
             if prompt is None:
                 yield not_implemented(case, k, "the call's prompt is not recorded")

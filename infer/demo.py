@@ -25,7 +25,7 @@ track measured by our pitch tokenizer (FCPE, 200 Hz) with the pitch units it ass
 Robustness (why no run ends in a stack trace): generation samples (top-k 50) with a fixed seed, so runs
 are reproducible. An Expressive speech continuation that contains no [Pi] token cannot be vocoded
 (SpeechDecodeError); the tiny random LM is built so that pitch tokens are common in speech mode (its
-[Pi] output rows are scaled, see spiritlm_jax.infer.demo_assets), and if a continuation still cannot be
+[Pi] output rows are scaled, see spiritlm_jax.tiny_checkpoints), and if a continuation still cannot be
 vocoded the task is retried with the next seeds (seed+1, seed+2) and the attempts are recorded. A
 task that fails every attempt is reported with the reason, the other tasks still run, and the exit
 status is 1. Bad checkpoints (missing files, wrong formats) give a one-paragraph error and exit 2.
@@ -127,7 +127,7 @@ def _resolve_checkpoints(args) -> tuple[Path | None, str]:
 
 
 def check_layout(root: Path, variant: str, source: str) -> None:
-    from .demo_assets import required_files
+    from spiritlm_jax.tiny_checkpoints import required_files
 
     if not root.is_dir():
         raise DemoError(f"the checkpoint folder {root} (from {source}) does not exist. It must be the original "
@@ -274,7 +274,7 @@ def _run_task(lm, name, in_kind, out_mod, prompt_wav, args):
 
 
 def _demo(args) -> int:
-    from .demo_assets import ensure_tiny_checkpoints
+    from spiritlm_jax.tiny_checkpoints import ensure_tiny_checkpoints
 
     timings = {}
     t_all = time.perf_counter()

@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("spiritlm_jax.infer.demo", "tiny random-weight end-to-end demo (no checkpoints needed)"),
     "prepare": ("spiritlm_jax.train.prepare_cli", "prepare a training corpus (Apache Beam / TFDS ArrayRecord)"),
     "train": ("spiritlm_jax.train.cli", "train or fine-tune Spirit LM"),
-    "eval": ("spiritlm_jax.infer.eval_cli", "evaluation harness"),
+    "eval": ("spiritlm_jax.evaluation.cli", "evaluation harness"),
 }
 
 

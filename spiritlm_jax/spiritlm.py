@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import prompting as P
+from . import prompting
 from .config import LlamaConfig
 from .prompting import ContentType, GenerationInput, GenerationOutput, OutputModality
 from .speech import SpeechTokenizer, _variant, checkpoints_root
@@ -132,22 +132,22 @@ class SpiritLM:
                               max_new_tokens=int(gc["max_new_tokens"]))
 
     def build_prompt(self, interleaved_inputs, output_modality) -> str:
-        return P.build_prompt(interleaved_inputs, output_modality, encode_speech=self._encode_speech)
+        return prompting.build_prompt(interleaved_inputs, output_modality, encode_speech=self._encode_speech)
 
     def _encode_speech(self, content) -> str:
         if self.speech_tokenizer is None:
-            raise P.PromptError("this model was loaded without a speech tokenizer (with_speech=False)")
+            raise prompting.PromptError("this model was loaded without a speech tokenizer (with_speech=False)")
         return self.speech_tokenizer.encode_string(content)
 
     def _banned(self, modality: OutputModality, force: bool) -> np.ndarray:
         if not force or modality is OutputModality.ARBITRARY:
             return np.zeros((self.cfg.vocab_size,), bool)
-        return P.forbidden_mask(modality, self.tokenizer.vocab, self.expressive, n_embed=self.cfg.vocab_size)
+        return prompting.forbidden_mask(modality, self.tokenizer.vocab, self.expressive, n_embed=self.cfg.vocab_size)
 
     def _decode_speech(self, speaker_id: int):
         def decode(s: str) -> np.ndarray:
             if self.speech_tokenizer is None:
-                raise P.PromptError("this model was loaded without a speech tokenizer: cannot decode speech")
+                raise prompting.PromptError("this model was loaded without a speech tokenizer: cannot decode speech")
             return self.speech_tokenizer.decode(s, speaker_id=speaker_id)
 
         return decode
@@ -166,14 +166,14 @@ class SpiritLM:
         from .infer.engine import generate as engine_generate
 
         if (batch_inputs is None) == (prompts is None):
-            raise P.PromptError("give exactly one of batch_inputs (interleaved inputs per prompt) or prompts")
+            raise prompting.PromptError("give exactly one of batch_inputs (interleaved inputs per prompt) or prompts")
         n = len(prompts if prompts is not None else batch_inputs)
         if n == 0:
-            raise P.PromptError("no prompts given")
+            raise prompting.PromptError("no prompts given")
         mods = list(output_modality) if isinstance(output_modality, (list, tuple)) else [output_modality] * n
         if len(mods) != n:
-            raise P.PromptError(f"{n} prompts but {len(mods)} output modalities")
-        mods = [P.to_output_modality(m) for m in mods]
+            raise prompting.PromptError(f"{n} prompts but {len(mods)} output modalities")
+        mods = [prompting.to_output_modality(m) for m in mods]
         if prompts is None:
             prompts = [self.build_prompt(inp, m) for inp, m in zip(batch_inputs, mods)]
         ids = [self.tokenizer.encode(p) for p in prompts]
@@ -188,7 +188,7 @@ class SpiritLM:
         results = []
         for p, pid, nid, m in zip(prompts, ids, new_ids, mods):
             full = self.tokenizer.decode(pid + nid)
-            results.append(P.decode_generated_output(full, p, m, decode_speech))
+            results.append(prompting.decode_generated_output(full, p, m, decode_speech))
         out = (results, prompts) if return_prompt else results
         return (out, new_ids) if return_ids else out
 
@@ -203,7 +203,7 @@ class SpiritLM:
 
             warnings.warn("both prompt and interleaved_inputs given: interleaved_inputs is ignored (as the original)")
         if prompt is None and interleaved_inputs is None:
-            raise P.PromptError("give interleaved_inputs (a list of (content_type, content)) or a ready prompt string")
+            raise prompting.PromptError("give interleaved_inputs (a list of (content_type, content)) or a ready prompt string")
         kw = dict(output_modality=output_modality, generation_config=generation_config,
                   force_tokens_to_output_modality=force_tokens_to_output_modality, speaker_id=speaker_id,
                   return_prompt=True, seed=seed, **kwargs)

@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 
 from spiritlm_jax.cli import main as cli_main
-from spiritlm_jax.infer import demo, demo_assets as A
+from spiritlm_jax import tiny_checkpoints
+from spiritlm_jax.infer import demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +27,7 @@ def _no_user_env(monkeypatch):
 def tiny_tree(tmp_path_factory):
     """The demo tree, built once through the cache (as the command does)."""
     cache = tmp_path_factory.mktemp("cache")
-    root, built = A.ensure_tiny_checkpoints(cache, log=lambda m: None)
+    root, built = tiny_checkpoints.ensure_tiny_checkpoints(cache, log=lambda m: None)
     assert built
     return cache, root
 
@@ -108,7 +109,7 @@ def test_checkpoints_flag_on_an_original_layout_copy(tiny_tree, tmp_path, capsys
     here with the Base model (HuBERT units only; the plots build the pitch tokenizer from the folder)."""
     copy = tmp_path / "my checkpoints"
     shutil.copytree(tiny_tree[1], copy)
-    (copy / A.MARKER).unlink()  # nothing of the cache machinery is needed
+    (copy / tiny_checkpoints.MARKER).unlink()  # nothing of the cache machinery is needed
     out = tmp_path / "out"
     rc = cli_main(["demo", "--checkpoints", str(copy), "--variant", "base", "--out", str(out),
                    "--max-new-tokens", "40"])
@@ -229,9 +230,9 @@ def test_tree_has_the_original_layout_and_vocabulary(tiny_tree):
     from spiritlm_jax.text import TextTokenizer
 
     _, root = tiny_tree
-    assert all((root / f).is_file() for f in A.required_files())
-    for v in A.VARIANTS:
-        lm_dir = root / "spiritlm_model" / A.lm_dir_name(v)
+    assert all((root / f).is_file() for f in tiny_checkpoints.required_files())
+    for v in tiny_checkpoints.VARIANTS:
+        lm_dir = root / "spiritlm_model" / tiny_checkpoints.lm_dir_name(v)
         cfg = json.loads((lm_dir / "config.json").read_text())
         assert cfg["vocab_size"] == 32667 and cfg["torch_dtype"] == "bfloat16" and "rope_theta" in cfg
         tok = TextTokenizer.from_dir(lm_dir)
@@ -244,15 +245,15 @@ def test_tree_has_the_original_layout_and_vocabulary(tiny_tree):
         s = "[Text] the river[Speech][St3][Pi5][Hu10][Hu499]"
         ids = tok.encode(s)
         assert ids[:2] == [1, 32000] and ids[-4:] == [32570, 32508, 32012, 32501]
-        assert all(i < A.n_trained_pieces((lm_dir / "tokenizer.model").read_bytes()) for i in ids[2:-5])
+        assert all(i < tiny_checkpoints.n_trained_pieces((lm_dir / "tokenizer.model").read_bytes()) for i in ids[2:-5])
         assert tok.decode(ids) == s
 
 
 def test_tokenizer_model_loads_in_sentencepiece_itself():
     import sentencepiece as spm
 
-    buf = A.build_tokenizer_model()
-    assert buf == A.build_tokenizer_model()  # deterministic
+    buf = tiny_checkpoints.build_tokenizer_model()
+    assert buf == tiny_checkpoints.build_tokenizer_model()  # deterministic
     sp = spm.SentencePieceProcessor(model_proto=buf)
     assert sp.get_piece_size() == 32667 and sp.id_to_piece(32000) == "[Text]" and sp.id_to_piece(32666) == "[St99]"
     assert sp.is_unused(31999) and not sp.is_unused(258) and sp.is_byte(258)
@@ -260,23 +261,23 @@ def test_tokenizer_model_loads_in_sentencepiece_itself():
 
 
 def test_cache_is_reused_and_rebuilt_when_damaged(tmp_path):
-    root, built = A.ensure_tiny_checkpoints(tmp_path, log=lambda m: None)
-    assert built and A.cache_is_complete(root)
-    assert A.ensure_tiny_checkpoints(tmp_path, log=lambda m: None) == (root, False)
+    root, built = tiny_checkpoints.ensure_tiny_checkpoints(tmp_path, log=lambda m: None)
+    assert built and tiny_checkpoints.cache_is_complete(root)
+    assert tiny_checkpoints.ensure_tiny_checkpoints(tmp_path, log=lambda m: None) == (root, False)
     q = root / "speech_tokenizer" / "hubert_25hz" / "L11_quantizer_500.pt"
     good = q.read_bytes()
     q.write_bytes(good[:100])  # truncated file: fingerprint mismatch
-    assert not A.cache_is_complete(root)
-    assert A.ensure_tiny_checkpoints(tmp_path, log=lambda m: None) == (root, True)
+    assert not tiny_checkpoints.cache_is_complete(root)
+    assert tiny_checkpoints.ensure_tiny_checkpoints(tmp_path, log=lambda m: None) == (root, True)
     assert q.read_bytes() == good  # same seed, same bytes
-    (root / A.MARKER).unlink()  # an interrupted build never got its marker
-    assert A.ensure_tiny_checkpoints(tmp_path, log=lambda m: None)[1] is True
+    (root / tiny_checkpoints.MARKER).unlink()  # an interrupted build never got its marker
+    assert tiny_checkpoints.ensure_tiny_checkpoints(tmp_path, log=lambda m: None)[1] is True
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
 def test_cache_location_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(A.CACHE_ENV, str(tmp_path / "c"))
-    assert A.default_cache_dir() == tmp_path / "c"
+    monkeypatch.setenv(tiny_checkpoints.CACHE_ENV, str(tmp_path / "c"))
+    assert tiny_checkpoints.default_cache_dir() == tmp_path / "c"
 
 
 def test_synthetic_prompt_is_deterministic_16k_audio():

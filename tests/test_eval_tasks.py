@@ -1,4 +1,4 @@
-"""Evaluation tasks on the demo's tiny random model (infer/demo_assets.py) with data built here (synthetic audio): a model crafted to
+"""Evaluation tasks on the demo's tiny random model (spiritlm_jax/tiny_checkpoints.py) with data built here (synthetic audio): a model crafted to
 prefer the right answer scores 100% and one preferring the wrong answer 0%; few-shot prompts match the
 documented formats byte for byte; STSP's few-shot fix; every task end to end through the CLI."""
 import copy
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from spiritlm_jax.infer import eval_data as D
-from spiritlm_jax.infer import eval_tasks as E
-from spiritlm_jax.infer import metrics as M
+from spiritlm_jax.evaluation import data as eval_data
+from spiritlm_jax.evaluation import tasks as eval_tasks
+from spiritlm_jax.evaluation import metrics
 
-from test_eval_scoring import eval_checkpoints, preference_params  # noqa: F401 (session fixture)
+from test_scoring import eval_checkpoints, preference_params  # noqa: F401 (session fixture)
 
 SR = 16000
 
@@ -109,7 +109,7 @@ def _with_params(lm, params):
 def _crafted_accuracy(lm, pair_reqs, run, sign):
     """Build a model preferring the tokens found only in right answers (sign +1) or only in wrong ones
     (sign -1), from the very (context, continuation) requests the task scores; run the task with it."""
-    r = E.Runner(lm)
+    r = eval_tasks.Runner(lm)
     good_toks, bad_toks = [], []
     for (gc, gx), (bc, bx) in pair_reqs:
         good_toks.append(set(r.split(gc, gx)[1]))
@@ -119,76 +119,76 @@ def _crafted_accuracy(lm, pair_reqs, run, sign):
     # precondition of the construction: every right answer holds a token the wrong answers never use
     assert all(g & G for g in good_toks), "test data: a right answer shares all its tokens with wrong answers"
     p = preference_params(lm.cfg, lm.params, sorted(G), sorted(B), strength=6.0 * sign)
-    return run(E.Runner(_with_params(lm, p)))
+    return run(eval_tasks.Runner(_with_params(lm, p)))
 
 
 def test_pairs_zerospeech_layout_preference_100_and_0(lm, data):
-    items = D.read_pairs(data / "lexical" / "dev")
+    items = eval_data.read_pairs(data / "lexical" / "dev")
     assert [it.id for it in items] == ["0", "1", "2", "3"] and items[0].meta == {"word": "word0"}
-    reqs = E.pair_requests(E.Runner(lm), items)
+    reqs = eval_tasks.pair_requests(eval_tasks.Runner(lm), items)
     assert all(g[0] == "[Speech]" and g[1].startswith("[Hu") for g, _ in reqs)
     for sign, expected in ((1, 1.0), (-1, 0.0)):
-        res = _crafted_accuracy(lm, reqs, lambda r: E.run_pairs(r, items, "swuggy"), sign)
+        res = _crafted_accuracy(lm, reqs, lambda r: eval_tasks.run_pairs(r, items, "swuggy"), sign)
         assert res.metrics["accuracy"] == expected
         assert all(rec["correct"] == (sign > 0) for rec in res.items)
 
 
 @pytest.mark.parametrize("direction", ["T", "S", "T2S", "S2T"])
 def test_storycloze_directions_preference_100_and_0(lm, data, direction):
-    items = D.read_storycloze(data / "cloze.jsonl")
-    reqs = E.cloze_requests(E.Runner(lm), items, direction)
-    ci, co = E.parse_direction(direction)
+    items = eval_data.read_storycloze(data / "cloze.jsonl")
+    reqs = eval_tasks.cloze_requests(eval_tasks.Runner(lm), items, direction)
+    ci, co = eval_tasks.parse_direction(direction)
     ctx = reqs[0][0][0]
     assert ctx.startswith("[Text]" if ci == "t" else "[Speech]")
     assert ctx.endswith({("t", "s"): "[Speech]", ("s", "t"): "[Text]"}.get((ci, co), ctx[-1]))
     if (ci, co) == ("t", "t"):
         assert reqs[0][0] == ("[Text]the model is trained on speech", " license terms apply here")
     for sign, expected in ((1, 1.0), (-1, 0.0)):
-        res = _crafted_accuracy(lm, reqs, lambda r: E.run_storycloze(r, items, direction), sign)
+        res = _crafted_accuracy(lm, reqs, lambda r: eval_tasks.run_storycloze(r, items, direction), sign)
         assert res.metrics["accuracy"] == expected
 
 
 def test_storycloze_csv_reader_and_missing_modality(lm, tmp_path):
-    cols = ",".join(("InputStoryid",) + D.ROC_COLUMNS)
+    cols = ",".join(("InputStoryid",) + eval_data.ROC_COLUMNS)
     (tmp_path / "c.csv").write_text(cols + "\nid1,A.,B.,C.,D.,E1.,E2.,2\n")
-    [it] = D.read_storycloze(tmp_path / "c.csv")
+    [it] = eval_data.read_storycloze(tmp_path / "c.csv")
     assert (it.context_text, it.correct_text, it.wrong_text) == ("A. B. C. D.", "E2.", "E1.")
-    with pytest.raises(D.DataError, match="lacks"):
-        E.cloze_requests(E.Runner(lm), [it], "S2T")
-    with pytest.raises(E.EvalError, match="unknown direction"):
-        E.parse_direction("x2y")
+    with pytest.raises(eval_data.DataError, match="lacks"):
+        eval_tasks.cloze_requests(eval_tasks.Runner(lm), [it], "S2T")
+    with pytest.raises(eval_tasks.EvalError, match="unknown direction"):
+        eval_tasks.parse_direction("x2y")
 
 
 def test_few_shot_formats_byte_for_byte():
     shots = [("[Hu1][Hu2]", "hello world"), ("[Hu3]", "good day")]
-    assert E.asr_prompt(shots, "[Hu9]") == \
+    assert eval_tasks.asr_prompt(shots, "[Hu9]") == \
         "[Speech][Hu1][Hu2][Text]hello world\n[Speech][Hu3][Text]good day\n[Speech][Hu9][Text]"
-    assert E.tts_prompt([(t, u) for u, t in shots], "bye") == \
+    assert eval_tasks.tts_prompt([(t, u) for u, t in shots], "bye") == \
         "[Text]hello world[Speech][Hu1][Hu2]\n[Text]good day[Speech][Hu3]\n[Text]bye[Speech]"
-    assert E.intent_context([("[Speech][Hu1]", "play"), ("[Text]stop it", "stop")], "[Speech][Hu5]") == \
+    assert eval_tasks.intent_context([("[Speech][Hu1]", "play"), ("[Text]stop it", "stop")], "[Speech][Hu5]") == \
         "[Speech][Hu1][Text]play\n[Text]stop it[Text]stop\n[Speech][Hu5][Text]"
-    assert E.leading_speech("[Hu4][Pi2][Hu5]\n[Text]x") == "[Hu4][Pi2][Hu5]"
-    assert E.leading_speech("hello[Hu4]") == ""
+    assert eval_tasks.leading_speech("[Hu4][Pi2][Hu5]\n[Text]x") == "[Hu4][Pi2][Hu5]"
+    assert eval_tasks.leading_speech("hello[Hu4]") == ""
 
 
 def test_shot_sampling_seeded():
-    a, b, c = E.sample_shots(50, 10, 3), E.sample_shots(50, 10, 3), E.sample_shots(50, 10, 4)
+    a, b, c = eval_tasks.sample_shots(50, 10, 3), eval_tasks.sample_shots(50, 10, 3), eval_tasks.sample_shots(50, 10, 4)
     assert a == b and a != c and len(set(a)) == 10
-    with pytest.raises(E.EvalError, match="only 3"):
-        E.sample_shots(3, 4, 0)
+    with pytest.raises(eval_tasks.EvalError, match="only 3"):
+        eval_tasks.sample_shots(3, 4, 0)
 
 
 def test_stsp_few_shot_prompt_text_and_speech(lm, data):
     root = data / "stsp_data"
-    r = E.Runner(lm)
-    rows = D.read_jsonl(root / "manifest" / "few_shot" / "t2t.jsonl")
-    p, chosen = E.stsp_few_shot_prompt(r, rows, "t2t", 3, seed=5, data_root=root / "data")
+    r = eval_tasks.Runner(lm)
+    rows = eval_data.read_jsonl(root / "manifest" / "few_shot" / "t2t.jsonl")
+    p, chosen = eval_tasks.stsp_few_shot_prompt(r, rows, "t2t", 3, seed=5, data_root=root / "data")
     # one row per sentiment, groups in sorted order: negative, neutral, positive
     assert [rows[i]["sentiment"] for i in chosen] == ["negative", "neutral", "positive"]
     assert p == "".join(f"[Text]prompt text {i}[Text]gen text {i}\n" for i in chosen)
-    assert E.stsp_few_shot_prompt(r, rows, "t2t", 3, seed=5, data_root=root / "data")[1] == chosen
-    srows = D.read_jsonl(root / "manifest" / "few_shot" / "s2t.jsonl")
-    p2, ch2 = E.stsp_few_shot_prompt(r, srows, "s2t", 2, seed=0, data_root=root / "data")
+    assert eval_tasks.stsp_few_shot_prompt(r, rows, "t2t", 3, seed=5, data_root=root / "data")[1] == chosen
+    srows = eval_data.read_jsonl(root / "manifest" / "few_shot" / "s2t.jsonl")
+    p2, ch2 = eval_tasks.stsp_few_shot_prompt(r, srows, "s2t", 2, seed=0, data_root=root / "data")
     assert len(ch2) == 3  # ceil(2/3) = 1 per sentiment
     from spiritlm_jax.audio import load_audio
 
@@ -199,15 +199,15 @@ def test_stsp_few_shot_prompt_text_and_speech(lm, data):
 
 def test_stsp_few_shot_fix_and_metric(lm, data):
     root = data / "stsp_data"
-    recs = D.read_jsonl(root / "manifest" / "emov" / "emov.test.jsonl")
-    rows = D.read_jsonl(root / "manifest" / "few_shot" / "t2t.jsonl")
+    recs = eval_data.read_jsonl(root / "manifest" / "emov" / "emov.test.jsonl")
+    rows = eval_data.read_jsonl(root / "manifest" / "few_shot" / "t2t.jsonl")
     seen = []
 
     def clf(texts):
         seen.extend(texts)
         return ["Positive"] * len(texts)
 
-    res = E.run_stsp(E.Runner(lm), recs, "t2t", clf, data_root=root / "data", few_shot_rows=rows, n_shot=3, seed=1,
+    res = eval_tasks.run_stsp(eval_tasks.Runner(lm), recs, "t2t", clf, data_root=root / "data", few_shot_rows=rows, n_shot=3, seed=1,
                      max_new_tokens=8)
     pre = res.prompts["few_shot_prefix"]
     assert pre and res.prompts["first_prompt"] == pre + "[Text]i feel number 0"  # the test input follows the shots
@@ -215,20 +215,20 @@ def test_stsp_few_shot_fix_and_metric(lm, data):
     # gold: happy->positive, sad->negative, neutral->neutral; all predicted positive -> 1/3
     assert res.metrics["accuracy"] == pytest.approx(1 / 3)
     assert [it["pred"] for it in res.items] == ["positive"] * 3
-    with pytest.raises(E.EvalError, match="returned 'bored'"):
-        E.run_stsp(E.Runner(lm), recs, "t2t", lambda t: ["bored"] * len(t), data_root=root / "data", max_new_tokens=4)
+    with pytest.raises(eval_tasks.EvalError, match="returned 'bored'"):
+        eval_tasks.run_stsp(eval_tasks.Runner(lm), recs, "t2t", lambda t: ["bored"] * len(t), data_root=root / "data", max_new_tokens=4)
 
 
 def test_stsp_speech_output_uses_the_emotion_mapping(lm, data):
     root = data / "stsp_data"
-    recs = D.read_jsonl(root / "manifest" / "emov" / "emov.test.jsonl")
+    recs = eval_data.read_jsonl(root / "manifest" / "emov" / "emov.test.jsonl")
     got = []
 
     def clf(wavs):
         got.extend(wavs)
         return ["sad"] * len(wavs)
 
-    res = E.run_stsp(E.Runner(lm), recs, "t2s", clf, data_root=root / "data", max_new_tokens=30, seed=3)
+    res = eval_tasks.run_stsp(eval_tasks.Runner(lm), recs, "t2s", clf, data_root=root / "data", max_new_tokens=30, seed=3)
     ok = len(recs) - res.metrics["n_failed"]
     assert len(got) == ok and all(isinstance(w, np.ndarray) and w.ndim == 1 and w.size for w in got)
     preds = [it["pred"] for it in res.items]
@@ -237,10 +237,10 @@ def test_stsp_speech_output_uses_the_emotion_mapping(lm, data):
 
 
 def test_asr_few_shot_end_to_end(lm, data):
-    items = D.read_utterances(data / "LibriSpeech" / "test-clean")
+    items = eval_data.read_utterances(data / "LibriSpeech" / "test-clean")
     assert [u.id for u in items][:2] == ["11-22-0000", "11-22-0001"] and items[0].text == "HELLO WORLD NUMBER 0"
-    r = E.Runner(lm)
-    res = E.run_asr(r, items, n_shot=2, seed=7, max_new_tokens=10)
+    r = eval_tasks.Runner(lm)
+    res = eval_tasks.run_asr(r, items, n_shot=2, seed=7, max_new_tokens=10)
     shot_ids = res.prompts["shot_ids"]
     assert len(shot_ids) == 2 and res.metrics["n"] == 3 and not set(shot_ids) & {x["id"] for x in res.items}
     by_id = {u.id: u for u in items}
@@ -249,31 +249,31 @@ def test_asr_few_shot_end_to_end(lm, data):
         f"[Speech]{u}[Text]{by_id[i].text.lower()}\n" for u, i in zip(su, shot_ids))
     refs, hyps = [x["ref"] for x in res.items], [x["hyp"] for x in res.items]
     assert all("\n" not in h for h in hyps)
-    assert res.metrics["wer"] == pytest.approx(100 * M.wer(refs, hyps))
+    assert res.metrics["wer"] == pytest.approx(100 * metrics.wer(refs, hyps))
 
 
 def test_tts_cer_through_pluggable_asr(lm, data):
-    items = D.read_utterances(data / "LibriSpeech" / "test-clean")
-    res = E.run_tts(E.Runner(lm), items, lambda wavs: ["hello world number 0"] * len(wavs), n_shot=2, seed=1,
+    items = eval_data.read_utterances(data / "LibriSpeech" / "test-clean")
+    res = eval_tasks.run_tts(eval_tasks.Runner(lm), items, lambda wavs: ["hello world number 0"] * len(wavs), n_shot=2, seed=1,
                     max_new_tokens=40)
     n, bad = res.metrics["n"], res.metrics["n_no_speech"]
     refs = [x["ref"] for x in res.items]
     hyps = ["hello world number 0" if x["vocoded"] else "" for x in res.items]
-    assert res.metrics["cer"] == pytest.approx(100 * M.cer(refs, hyps))
+    assert res.metrics["cer"] == pytest.approx(100 * metrics.cer(refs, hyps))
     assert sum(not x["vocoded"] for x in res.items) == bad <= n
-    with pytest.raises(E.EvalError, match="module:function"):
-        E.run_tts(E.Runner(lm), items, "no-such-thing", n_shot=1)
+    with pytest.raises(eval_tasks.EvalError, match="module:function"):
+        eval_tasks.run_tts(eval_tasks.Runner(lm), items, "no-such-thing", n_shot=1)
 
 
 def test_intent_preference_100_and_0(lm, data):
-    items = D.read_labelled(data / "intent.jsonl")
-    pool = D.read_labelled(data / "intent_shots.jsonl")
-    r = E.Runner(lm)
+    items = eval_data.read_labelled(data / "intent.jsonl")
+    pool = eval_data.read_labelled(data / "intent_shots.jsonl")
+    r = eval_tasks.Runner(lm)
     yes = set(r.split("[Text]", "yes")[1])
     no = set(r.split("[Text]", "no")[1])
     for sign, expected in ((1, 1.0), (-1, 0.0)):
         p = preference_params(lm.cfg, lm.params, sorted(yes - no), sorted(no - yes), strength=6.0 * sign)
-        res = E.run_intent(E.Runner(_with_params(lm, p)), items, n_shot=2, shot_pool=pool, seed=0)
+        res = eval_tasks.run_intent(eval_tasks.Runner(_with_params(lm, p)), items, n_shot=2, shot_pool=pool, seed=0)
         assert res.metrics["accuracy"] == expected and res.settings["labels"] == ["no", "yes"]
     assert res.prompts["shared_prefix"].count("[Text]") == 2
 
@@ -342,28 +342,28 @@ def _mmlu_folder(root):
 
 def test_mmlu_format_reader_and_preference_100_and_0(lm, eval_checkpoints, tmp_path):
     root = _mmlu_folder(tmp_path / "mmlu")
-    test, dev = D.read_mmlu(root, "test"), D.read_mmlu(root, "dev")
+    test, dev = eval_data.read_mmlu(root, "test"), eval_data.read_mmlu(root, "dev")
     assert sorted(test) == ["high_school_physics", "law"] and test["law"][0].answer == 1
-    ctx = E.mmlu_context("high_school_physics", dev["high_school_physics"][:1], test["high_school_physics"][0])
+    ctx = eval_tasks.mmlu_context("high_school_physics", dev["high_school_physics"][:1], test["high_school_physics"][0])
     assert ctx == ("[Text]The following are multiple choice questions (with answers) about high school physics.\n\n"
                    "What is high_school_physics q0?\nA. alpha 0\nB. beta 0\nC. gamma 0\nD. delta 0\nAnswer: B\n\n"
                    "What is high_school_physics q0?\nA. alpha 0\nB. beta 0\nC. gamma 0\nD. delta 0\nAnswer:")
-    r = E.Runner(lm)
+    r = eval_tasks.Runner(lm)
     letter = {L: set(r.split("Answer:", f" {L}")[1]) for L in "ABCD"}
     others = set().union(*(letter[L] for L in "ACD"))
     for sign, expected in ((1, 1.0), (-1, 0.0)):
         p = preference_params(lm.cfg, lm.params, sorted(letter["B"] - others), sorted(others - letter["B"]),
                               strength=6.0 * sign)
-        res = E.run_mmlu(E.Runner(_with_params(lm, p)), test, dev, n_shot=5)
+        res = eval_tasks.run_mmlu(eval_tasks.Runner(_with_params(lm, p)), test, dev, n_shot=5)
         assert res.metrics["accuracy"] == expected and res.metrics["n"] == 6
         assert res.metrics["per_subject"] == {"high_school_physics": expected, "law": expected}
-    with pytest.raises(E.EvalError, match="shots"):
-        E.run_mmlu(r, test, {"law": dev["law"][:2]}, n_shot=5)
+    with pytest.raises(eval_tasks.EvalError, match="shots"):
+        eval_tasks.run_mmlu(r, test, {"law": dev["law"][:2]}, n_shot=5)
     bad = tmp_path / "bad" / "test"
     bad.mkdir(parents=True)
     (bad / "x_test.csv").write_text("q,a,b,c,d,E\n")
-    with pytest.raises(D.DataError, match="answer in A-D"):
-        D.read_mmlu(tmp_path / "bad")
+    with pytest.raises(eval_data.DataError, match="answer in A-D"):
+        eval_data.read_mmlu(tmp_path / "bad")
     assert _cli(["mmlu", "--data", str(root), "--checkpoints", str(eval_checkpoints), "--n-shot", "1",
                  "--output", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["n"] == 6

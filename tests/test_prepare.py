@@ -8,7 +8,7 @@ import soundfile as sf
 from data_helpers import dedup
 from spiritlm_jax.cli import main as cli_main
 from spiritlm_jax.text import TextTokenizer
-from spiritlm_jax.train import prepare as P
+from spiritlm_jax.train import prepare
 from spiritlm_jax.train.sequences import SequenceBuilder, SequenceConfig, decode_record
 
 SR = 16000
@@ -155,25 +155,25 @@ def test_loader_reads_the_prepared_dataset(corpus):
 
 
 def test_prepare_errors(tmp_path, golden_dir):
-    with pytest.raises(P.PrepareError, match="no inputs"):
-        P.build_dataset({"text": []}, str(tmp_path), "x", P.PrepareOptions())
+    with pytest.raises(prepare.PrepareError, match="no inputs"):
+        prepare.build_dataset({"text": []}, str(tmp_path), "x", prepare.PrepareOptions())
     (tmp_path / "a.wav").write_bytes(b"x")
-    items, _ = P.discover(audio=[str(tmp_path / "a.wav")])
-    with pytest.raises(P.PrepareError, match="--speech-tokenizer"):
-        P.build_dataset(items, str(tmp_path), "x", P.PrepareOptions())
-    with pytest.raises(P.PrepareError, match="corpus name"):
-        P.build_dataset(items, str(tmp_path), "Bad-Name", P.PrepareOptions(speech_tokenizer="d"))
-    with pytest.raises(P.PrepareError, match="no such file"):
-        P.discover(text=[str(tmp_path / "missing")])
+    items, _ = prepare.discover(audio=[str(tmp_path / "a.wav")])
+    with pytest.raises(prepare.PrepareError, match="--speech-tokenizer"):
+        prepare.build_dataset(items, str(tmp_path), "x", prepare.PrepareOptions())
+    with pytest.raises(prepare.PrepareError, match="corpus name"):
+        prepare.build_dataset(items, str(tmp_path), "Bad-Name", prepare.PrepareOptions(speech_tokenizer="d"))
+    with pytest.raises(prepare.PrepareError, match="no such file"):
+        prepare.discover(text=[str(tmp_path / "missing")])
     m = tmp_path / "m.jsonl"
     m.write_text('{"audio": "a.wav", "id": "same"}\n{"audio": "a.wav", "id": "same"}\n')
-    with pytest.raises(P.PrepareError, match="two inputs have the id 'same'"):
-        P.discover(manifests=[str(m)])
+    with pytest.raises(prepare.PrepareError, match="two inputs have the id 'same'"):
+        prepare.discover(manifests=[str(m)])
     m.write_text('{"video": "a.mp4"}\n')
-    with pytest.raises(P.PrepareError, match="needs 'audio', 'text' or 'text_path'"):
-        P.discover(manifests=[str(m)])
+    with pytest.raises(prepare.PrepareError, match="needs 'audio', 'text' or 'text_path'"):
+        prepare.discover(manifests=[str(m)])
     m.write_text('{"audio": "a.wav", "alignment": "a.TextGrid", "transcript": "hi"}\n{"text": "hello"}\n')
-    items, _ = P.discover(manifests=[str(m)])
+    items, _ = prepare.discover(manifests=[str(m)])
     assert items["aligned"][0]["alignment"] == f"{tmp_path}/a.TextGrid" and items["text"][0]["inline"] == "hello"
 
 
@@ -191,7 +191,7 @@ def test_expressive_units_and_times(golden_dir):
     from spiritlm_jax.style_tokenizer import StyleTokenizer
 
     st = golden_dir / "checkpoints" / "speech_tokenizer"
-    ex = P.UnitExtractor(st, expressive=True)
+    ex = prepare.UnitExtractor(st, expressive=True)
     wav = (0.1 * np.random.default_rng(0).standard_normal(40000)).astype(np.float32)
     u = ex([wav])[0]
     assert np.array_equal(u["pitch"], PitchTokenizer.from_checkpoints(st / "vqvae_f0_quantizer")(wav))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from _ref_strings import EXPRESSIVE_STRING
-from spiritlm_jax import prompting as P
-from spiritlm_jax import units as U
+from spiritlm_jax import prompting
+from spiritlm_jax import units as unit_strings
 from spiritlm_jax.converters.parity import GoldenSet
 from spiritlm_jax.converters.parity_e2e import run_lm_wrapper, run_model_utils
 from spiritlm_jax.text import Vocab
@@ -41,22 +41,22 @@ FIND = [("abc[Hu123][Hu456][Pi23][St2]", 3), ("[Hu123]abc[Hu123][Hu456][Pi23][St
 
 @pytest.mark.parametrize("content,expected", PARSE)
 def test_parse_speech_and_text(content, expected):
-    assert P.parse_speech_and_text(content) == expected
+    assert prompting.parse_speech_and_text(content) == expected
 
 
 @pytest.mark.parametrize("s,expected", ENDS)
 def test_does_end_with_speech_token(s, expected):
-    assert P.does_end_with_speech_token(s) is expected
+    assert prompting.does_end_with_speech_token(s) is expected
 
 
 @pytest.mark.parametrize("s,expected", STARTS)
 def test_does_start_with_speech_token(s, expected):
-    assert P.does_start_with_speech_token(s) is expected
+    assert prompting.does_start_with_speech_token(s) is expected
 
 
 @pytest.mark.parametrize("s,expected", FIND)
 def test_find_prompt_last_speech_start_position(s, expected):
-    assert P.find_prompt_last_speech_start_position(s) == expected
+    assert prompting.find_prompt_last_speech_start_position(s) == expected
 
 
 def test_the_reference_test_count():
@@ -65,10 +65,10 @@ def test_the_reference_test_count():
 
 def test_predicate_window_edges():
     # "]" at index 10 still counts, at 11 not; "[" down to len-11 is examined
-    assert P.does_start_with_speech_token("[Hu1234567]") and not P.does_start_with_speech_token("[Hu12345678]")
-    assert P.does_end_with_speech_token("[Hu1234567]") and not P.does_end_with_speech_token("[Hu12345678]")
-    assert P.does_start_with_speech_token(None) is False and P.does_end_with_speech_token(None) is False
-    assert P.find_prompt_last_speech_start_position("[Hux][Speech][Hu1]x") == 13
+    assert prompting.does_start_with_speech_token("[Hu1234567]") and not prompting.does_start_with_speech_token("[Hu12345678]")
+    assert prompting.does_end_with_speech_token("[Hu1234567]") and not prompting.does_end_with_speech_token("[Hu12345678]")
+    assert prompting.does_start_with_speech_token(None) is False and prompting.does_end_with_speech_token(None) is False
+    assert prompting.find_prompt_last_speech_start_position("[Hux][Speech][Hu1]x") == 13
 
 
 # ------------------------------------------------------------------ golden
@@ -88,13 +88,13 @@ def test_golden_lm_wrapper(golden_dir):
 # ------------------------------------------------------------------ forbidden ids and the mask
 def test_forbidden_tokens_per_modality():
     v = Vocab.spiritlm_default(expressive=True)
-    assert len(P.forbidden_tokens_for("text", False, v)) == 503
-    assert len(P.forbidden_tokens_for(P.OutputModality.TEXT, True, v)) == 667
-    sp = P.forbidden_tokens_for("SPEECH", True, v)
+    assert len(prompting.forbidden_tokens_for("text", False, v)) == 503
+    assert len(prompting.forbidden_tokens_for(prompting.OutputModality.TEXT, True, v)) == 667
+    sp = prompting.forbidden_tokens_for("SPEECH", True, v)
     assert sp[:2] == [32000, 32001] and sp[2:] == list(range(32000))
-    assert P.forbidden_tokens_for("arbitrary", True, v) == []
-    with pytest.raises(P.PromptError, match="generate_only_speech and generate_only_text"):
-        P.get_forbidden_tokens(generate_only_speech=True, generate_only_text=True)
+    assert prompting.forbidden_tokens_for("arbitrary", True, v) == []
+    with pytest.raises(prompting.PromptError, match="generate_only_speech and generate_only_text"):
+        prompting.get_forbidden_tokens(generate_only_speech=True, generate_only_text=True)
 
 
 @pytest.mark.parametrize("expressive", [False, True])
@@ -102,11 +102,11 @@ def test_modality_mask_never_lets_a_banned_id_through(expressive):
     v = Vocab.spiritlm_default(expressive)
     key = jax.random.PRNGKey(0)
     for mod in ("TEXT", "SPEECH", "ARBITRARY"):
-        mask = P.forbidden_mask(mod, v, expressive)
+        mask = prompting.forbidden_mask(mod, v, expressive)
         assert mask.shape == (v.n_embed,) and mask.dtype == bool
         assert not mask[v.padding.start:].any()  # padding rows are never banned
-        assert mask.sum() == len(P.forbidden_tokens_for(mod, expressive, v))
-        masked_fn = jax.jit(P.mask_logits)
+        assert mask.sum() == len(prompting.forbidden_tokens_for(mod, expressive, v))
+        masked_fn = jax.jit(prompting.mask_logits)
         for _ in range(3):
             key, k1, k2 = jax.random.split(key, 3)
             # adversarial logits: banned ids get the largest values
@@ -119,8 +119,8 @@ def test_modality_mask_never_lets_a_banned_id_through(expressive):
 
 
 def test_mask_rejects_a_vocab_smaller_than_the_ban_list():
-    with pytest.raises(P.PromptError, match="outside the model"):
-        P.forbidden_mask("TEXT", Vocab.spiritlm_default(True), True, n_embed=32100)
+    with pytest.raises(prompting.PromptError, match="outside the model"):
+        prompting.forbidden_mask("TEXT", Vocab.spiritlm_default(True), True, n_embed=32100)
 
 
 # ------------------------------------------------------------------ prompt building
@@ -129,12 +129,12 @@ def _enc(content):
 
 
 def test_build_prompt_examples():
-    assert P.build_prompt([("speech", "wavA")], "text", _enc) == "[Speech][Hu1][Hu2][Text]"
-    assert P.build_prompt([("TEXT", "a"), ("text", " b")], "SPEECH", _enc) == "[Text]a b[Speech]"
-    assert P.build_prompt([("speech", "wavA"), ("speech", "wavB")], "arbitrary", _enc) == "[Speech][Hu1][Hu2][Hu3]"
-    gi = [P.GenerationInput("A:", P.ContentType.TEXT), P.GenerationInput("wavB", "speech"), ("text", " B:")]
-    assert P.build_prompt(gi, P.OutputModality.SPEECH, _enc) == "[Text]A:[Speech][Hu3][Text] B:[Speech]"
-    assert P.build_prompt(("text", "x"), "TEXT") == "[Text]x"  # a single item is accepted
+    assert prompting.build_prompt([("speech", "wavA")], "text", _enc) == "[Speech][Hu1][Hu2][Text]"
+    assert prompting.build_prompt([("TEXT", "a"), ("text", " b")], "SPEECH", _enc) == "[Text]a b[Speech]"
+    assert prompting.build_prompt([("speech", "wavA"), ("speech", "wavB")], "arbitrary", _enc) == "[Speech][Hu1][Hu2][Hu3]"
+    gi = [prompting.GenerationInput("A:", prompting.ContentType.TEXT), prompting.GenerationInput("wavB", "speech"), ("text", " B:")]
+    assert prompting.build_prompt(gi, prompting.OutputModality.SPEECH, _enc) == "[Text]A:[Speech][Hu3][Text] B:[Speech]"
+    assert prompting.build_prompt(("text", "x"), "TEXT") == "[Text]x"  # a single item is accepted
 
 
 @pytest.mark.parametrize("inputs,modality,match", [
@@ -146,8 +146,8 @@ def test_build_prompt_examples():
     (None, "TEXT", "None"),
 ])
 def test_build_prompt_errors(inputs, modality, match):
-    with pytest.raises(P.PromptError, match=match):
-        P.build_prompt(inputs, modality, None)
+    with pytest.raises(prompting.PromptError, match=match):
+        prompting.build_prompt(inputs, modality, None)
 
 
 # ------------------------------------------------------------------ output parsing
@@ -159,7 +159,7 @@ class _Vocoder:
 
     def __call__(self, s):
         self.calls.append(s)
-        hub = U.units_to_arrays(U.string_to_units(s), keys=["hubert"])["hubert"]
+        hub = unit_strings.units_to_arrays(unit_strings.string_to_units(s), keys=["hubert"])["hubert"]
         return np.repeat(hub.astype(np.float32), 10)
 
 
@@ -169,22 +169,22 @@ def _hu(n, start=0):
 
 def test_text_and_speech_modalities():
     voc = _Vocoder()
-    out = P.decode_generated_output("[Text]hi there  ", "[Text]hi", "TEXT", voc)
-    assert out == [("there", P.ContentType.TEXT)]
-    out = P.decode_generated_output("[Speech][Hu1]" + _hu(3, 5), "[Speech][Hu1]", "speech", voc)
-    assert out[0].content_type is P.ContentType.SPEECH and out[0].content.tolist() == [5.0] * 10 + [6.0] * 10 + [7.0] * 10
+    out = prompting.decode_generated_output("[Text]hi there  ", "[Text]hi", "TEXT", voc)
+    assert out == [("there", prompting.ContentType.TEXT)]
+    out = prompting.decode_generated_output("[Speech][Hu1]" + _hu(3, 5), "[Speech][Hu1]", "speech", voc)
+    assert out[0].content_type is prompting.ContentType.SPEECH and out[0].content.tolist() == [5.0] * 10 + [6.0] * 10 + [7.0] * 10
 
 
 def test_arbitrary_25_piece_rule_and_decode_always_called():
     voc = _Vocoder()
     prompt = "[Text]a"
     gen = prompt + " b[Speech]" + _hu(23) + "[Text] c[Speech]" + _hu(24) + "[Text] d"
-    out = P.decode_generated_output(gen, prompt, "ARBITRARY", voc)
+    out = prompting.decode_generated_output(gen, prompt, "ARBITRARY", voc)
     # chunk 1 has 23 [Hu] (24 pieces) → dropped; chunk 3 has 24 [Hu] (25 pieces) → kept
-    assert [(o.content if o.content_type is P.ContentType.TEXT else "wav") for o in out] == ["b", " c", "wav", " d"]
+    assert [(o.content if o.content_type is prompting.ContentType.TEXT else "wav") for o in out] == ["b", " c", "wav", " d"]
     assert len(voc.calls) == 2  # the dropped chunk was decoded too
     # a first chunk is never length-filtered
-    out = P.decode_generated_output("[Speech][Hu1]", "", "ARBITRARY", voc)
+    out = prompting.decode_generated_output("[Speech][Hu1]", "", "ARBITRARY", voc)
     assert len(out) == 1 and out[0].content.size == 10
 
 
@@ -192,17 +192,17 @@ def test_arbitrary_speech_continuation_is_trimmed_proportionally():
     voc = _Vocoder()
     prompt = "[Speech][St3][Pi4]" + _hu(12)
     gen = prompt + _hu(30, 100) + "[Text] ok"
-    out = P.decode_generated_output(gen, prompt, "ARBITRARY", voc)
+    out = prompting.decode_generated_output(gen, prompt, "ARBITRARY", voc)
     # the vocoder sees the prompt's last speech run (with its St/Pi context) + the continuation
     assert voc.calls == ["[St3][Pi4]" + _hu(12) + _hu(30, 100)]
     n_pieces, n_prompt, total = 43, 12, 42 * 10
     assert out[0].content.size == total - math.ceil(total * (n_prompt / n_pieces))
-    assert out[1] == (" ok", P.ContentType.TEXT)
+    assert out[1] == (" ok", prompting.ContentType.TEXT)
     # too short a continuation (pieces - prompt units < 25) is dropped, text kept
-    out = P.decode_generated_output(prompt + _hu(12, 100) + "[Text] ok", prompt, "ARBITRARY", voc)
-    assert out == [(" ok", P.ContentType.TEXT)]
+    out = prompting.decode_generated_output(prompt + _hu(12, 100) + "[Text] ok", prompt, "ARBITRARY", voc)
+    assert out == [(" ok", prompting.ContentType.TEXT)]
 
 
 def test_garbage_unit_string_gives_clear_error():
-    with pytest.raises(U.UnitStringError, match="not an integer"):
-        P.decode_generated_output("[Speech][Hu123]abc[Hu4]", "[Speech]", "SPEECH", _Vocoder())
+    with pytest.raises(unit_strings.UnitStringError, match="not an integer"):
+        prompting.decode_generated_output("[Speech][Hu123]abc[Hu4]", "[Speech]", "SPEECH", _Vocoder())

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from spiritlm_jax import prompting as P
+from spiritlm_jax import prompting
 from spiritlm_jax.infer.engine import GenerationError, SamplingConfig, generate
 from spiritlm_jax.speech import SpeechDecodeError
 from spiritlm_jax.spiritlm import SpiritLM
@@ -26,7 +26,7 @@ def test_generate_batch_equals_per_prompt(base_lm, golden_dir):
         ids1 = base_lm.generate_batch([inp], output_modality=m, max_new_tokens=12, decode=False)
         assert ids1[0] == ids[i]  # greedy: identical tokens alone and in the batch
     outs, prompts = base_lm.generate_batch(batch[:1], output_modality="text", max_new_tokens=12, return_prompt=True)
-    assert prompts[0] == "[Text]The weather today is" and outs[0][0].content_type is P.ContentType.TEXT
+    assert prompts[0] == "[Text]The weather today is" and outs[0][0].content_type is prompting.ContentType.TEXT
     # the modality masks held per row: speech rows produced only speech-unit ids, text rows no unit ids
     vocab = base_lm.tokenizer.vocab
     assert all(t >= vocab.hubert.start for t in ids[1])
@@ -39,7 +39,7 @@ def test_text_generation_matches_golden_wrapper_record(base_lm, golden_dir):
     outs, ids = base_lm.generate_batch(prompts=[str(z["prompt"])], output_modality="text", max_new_tokens=20,
                                        return_ids=True)
     assert ids[0] == z["greedy_fp32_TEXT_ids"].tolist()
-    assert outs[0][0].content_type is P.ContentType.TEXT
+    assert outs[0][0].content_type is prompting.ContentType.TEXT
 
 
 def test_modality_mask_never_lets_a_banned_id_through(base_lm):
@@ -47,7 +47,7 @@ def test_modality_mask_never_lets_a_banned_id_through(base_lm):
     cfg = base_lm.cfg
     vocab = base_lm.tokenizer.vocab
     rng = np.random.default_rng(0)
-    masks = np.stack([P.forbidden_mask(m, vocab, False, n_embed=cfg.vocab_size) for m in ("text", "speech")])
+    masks = np.stack([prompting.forbidden_mask(m, vocab, False, n_embed=cfg.vocab_size) for m in ("text", "speech")])
     import jax
     import jax.numpy as jnp
 

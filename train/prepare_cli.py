@@ -62,28 +62,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spiritlm_jax.train import prepare as P
+    from spiritlm_jax.train import prepare
 
     try:
-        items, skipped = P.discover(text=args.text, audio=args.audio, aligned=args.aligned,
+        items, skipped = prepare.discover(text=args.text, audio=args.audio, aligned=args.aligned,
                                     alignment_dir=args.alignment_dir, manifests=args.manifest,
                                     text_unit=args.text_unit, tier=args.tier)
-        opts = P.PrepareOptions(speech_tokenizer=args.speech_tokenizer, expressive=args.expressive,
+        opts = prepare.PrepareOptions(speech_tokenizer=args.speech_tokenizer, expressive=args.expressive,
                                 pitch_backbone=args.pitch_backbone, fcpe_path=args.fcpe_path,
                                 batch_files=args.batch_files, max_batch_samples=args.max_batch_samples,
                                 duration_tolerance=args.duration_tolerance, progress=not args.no_progress)
         print(f"inputs: {len(items['text'])} text, {len(items['speech'])} speech, {len(items['aligned'])} aligned "
               f"file(s); {len(skipped)} skipped before processing", file=sys.stderr)
-        data_dir, stats = P.build_dataset(items, args.output, args.name, opts, beam_args=args.beam,
+        data_dir, stats = prepare.build_dataset(items, args.output, args.name, opts, beam_args=args.beam,
                                           discovery_skips=skipped, overwrite=args.overwrite)
-    except P.PrepareError as e:
+    except prepare.PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if any(v is None for v in stats.values()):
         print(f"{data_dir} already existed and was reused (pass --overwrite to rebuild)", file=sys.stderr)
         return 0
-    summary = {"dataset": data_dir, "splits": stats, "total": P.merge_stats(stats.values())}
-    P._write_text(f"{data_dir.rstrip('/').rsplit('/', 1)[0]}/summary.json", json.dumps(summary, indent=1))
-    print(P.format_summary(stats))
+    summary = {"dataset": data_dir, "splits": stats, "total": prepare.merge_stats(stats.values())}
+    prepare._write_text(f"{data_dir.rstrip('/').rsplit('/', 1)[0]}/summary.json", json.dumps(summary, indent=1))
+    print(prepare.format_summary(stats))
     print(f"\ndataset: {data_dir}")
     return 0 if summary["total"]["ok"] else 1

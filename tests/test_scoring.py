@@ -1,4 +1,4 @@
-"""The batched continuation scorer (infer/scoring.py) on the demo's tiny Llama: a hand computation of
+"""The batched continuation scorer (evaluation/scoring.py) on the demo's tiny Llama: a hand computation of
 the token-normalised log-likelihood, batched == one by one, no recompilation per batch, sharded ==
 single device, a model crafted to prefer given tokens, and bad inputs."""
 import jax
@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spiritlm_jax.infer import scoring as S
+from spiritlm_jax.evaluation import scoring
 from spiritlm_jax.models.llama import Llama
 
 
 @pytest.fixture(scope="session")
 def eval_checkpoints(tmp_path_factory):
-    """The demo's tiny random checkpoints in the original layout (infer/demo_assets.py), built once."""
-    from spiritlm_jax.infer.demo_assets import write_tiny_checkpoints
+    """The demo's tiny random checkpoints in the original layout (spiritlm_jax/tiny_checkpoints.py), built once."""
+    from spiritlm_jax.tiny_checkpoints import write_tiny_checkpoints
 
     root = tmp_path_factory.getbasetemp() / "eval_tiny_checkpoints"
     if not (root / "spiritlm_model" / "spirit-lm-base-7b" / "config.json").is_file():
@@ -58,7 +58,7 @@ def _hand_scores(cfg, params, ctx, cont):
 
 def test_token_normalised_matches_hand_computation(lm):
     ctx, cont = [1, 32001, 32100, 32200], [32300, 32050, 32400]
-    s = S.score_continuations(lm.cfg, lm.params, [ctx], [cont])
+    s = scoring.score_continuations(lm.cfg, lm.params, [ctx], [cont])
     hs, hm = _hand_scores(lm.cfg, lm.params, ctx, cont)
     # fp32 forward vs float64 log-softmax of the same fp32 logits: agreement to ~1e-6 relative
     assert s.sum_logprob[0] == pytest.approx(hs, rel=1e-5, abs=1e-4)
@@ -70,10 +70,10 @@ def test_batched_equals_one_by_one_and_no_recompile(lm):
     rng = np.random.default_rng(0)
     ctxs = [[1] + rng.integers(3, 32600, n).tolist() for n in (3, 10, 1, 7, 20, 5)]
     conts = [rng.integers(3, 32600, n).tolist() for n in (4, 1, 9, 2, 6, 3)]
-    one = [S.score_continuations(lm.cfg, lm.params, [c], [x], batch_size=4) for c, x in zip(ctxs, conts)]
-    before = S.compile_count()
-    many = S.score_continuations(lm.cfg, lm.params, ctxs, conts, batch_size=4)  # 2 batches, same bucket
-    assert S.compile_count() == before  # every row fits the 32-token bucket at batch 4: compiled already
+    one = [scoring.score_continuations(lm.cfg, lm.params, [c], [x], batch_size=4) for c, x in zip(ctxs, conts)]
+    before = scoring.compile_count()
+    many = scoring.score_continuations(lm.cfg, lm.params, ctxs, conts, batch_size=4)  # 2 batches, same bucket
+    assert scoring.compile_count() == before  # every row fits the 32-token bucket at batch 4: compiled already
     for i, o in enumerate(one):
         # padding rows/columns never reach real tokens (segment ids); only summation order differs
         assert many.sum_logprob[i] == pytest.approx(o.sum_logprob[0], rel=1e-5, abs=1e-5)
@@ -88,8 +88,8 @@ def test_sharded_equals_single_device(lm):
     rng = np.random.default_rng(1)
     ctxs = [[1] + rng.integers(3, 32600, n).tolist() for n in (2, 6, 4)]
     conts = [rng.integers(3, 32600, n).tolist() for n in (3, 2, 5)]
-    a = S.score_continuations(lm.cfg, lm.params, ctxs, conts, batch_size=8)
-    b = S.score_continuations(lm.cfg, lm.params, ctxs, conts, batch_size=8, mesh=mesh)
+    a = scoring.score_continuations(lm.cfg, lm.params, ctxs, conts, batch_size=8)
+    b = scoring.score_continuations(lm.cfg, lm.params, ctxs, conts, batch_size=8, mesh=mesh)
     np.testing.assert_allclose(b.sum_logprob, a.sum_logprob, rtol=1e-5, atol=1e-5)
 
 
@@ -99,30 +99,30 @@ def test_preference_model_decides_pairs(lm):
     pairs = [([32010, 32011], [32020, 32021]), ([32012, 32030], [32030, 32022]), ([32011], [32021, 32030])]
     for sign, expected in ((1.0, 1.0), (-1.0, 0.0)):
         p = preference_params(lm.cfg, lm.params, good, bad, strength=8.0 * sign)
-        s = S.score_continuations(lm.cfg, p, ctxs * 2, [g for g, _ in pairs] + [b for _, b in pairs])
+        s = scoring.score_continuations(lm.cfg, p, ctxs * 2, [g for g, _ in pairs] + [b for _, b in pairs])
         m = s.mean_logprob
         acc = np.mean(m[:3] > m[3:])
         assert acc == expected
 
 
 def test_bad_inputs(lm):
-    with pytest.raises(S.ScoringError, match="empty continuation"):
-        S.score_continuations(lm.cfg, lm.params, [[1]], [[]])
-    with pytest.raises(S.ScoringError, match="empty context"):
-        S.score_continuations(lm.cfg, lm.params, [[]], [[5]])
-    with pytest.raises(S.ScoringError, match="outside"):
-        S.score_continuations(lm.cfg, lm.params, [[1]], [[lm.cfg.vocab_size]])
-    with pytest.raises(S.ScoringError, match="2 contexts but 1"):
-        S.score_continuations(lm.cfg, lm.params, [[1], [1]], [[5]])
-    with pytest.raises(S.ScoringError, match="exceed the model's context"):
-        S.score_continuations(lm.cfg, lm.params, [[1] * lm.cfg.max_position_embeddings], [[5]])
-    with pytest.raises(S.ScoringError, match="normalisation"):
-        S.score_continuations(lm.cfg, lm.params, [[1]], [[5]]).get("median")
+    with pytest.raises(scoring.ScoringError, match="empty continuation"):
+        scoring.score_continuations(lm.cfg, lm.params, [[1]], [[]])
+    with pytest.raises(scoring.ScoringError, match="empty context"):
+        scoring.score_continuations(lm.cfg, lm.params, [[]], [[5]])
+    with pytest.raises(scoring.ScoringError, match="outside"):
+        scoring.score_continuations(lm.cfg, lm.params, [[1]], [[lm.cfg.vocab_size]])
+    with pytest.raises(scoring.ScoringError, match="2 contexts but 1"):
+        scoring.score_continuations(lm.cfg, lm.params, [[1], [1]], [[5]])
+    with pytest.raises(scoring.ScoringError, match="exceed the model's context"):
+        scoring.score_continuations(lm.cfg, lm.params, [[1] * lm.cfg.max_position_embeddings], [[5]])
+    with pytest.raises(scoring.ScoringError, match="normalisation"):
+        scoring.score_continuations(lm.cfg, lm.params, [[1]], [[5]]).get("median")
 
 
 def test_bucket_length():
     # 16 * 2^k rounded in steps of a quarter of the power (16, 32, 48, 64, 96, 128, 160, 192, 256, ...)
-    assert [S.bucket_length(n) for n in (1, 16, 17, 33, 65, 100, 130)] == [16, 16, 32, 48, 96, 128, 192]
+    assert [scoring.bucket_length(n) for n in (1, 16, 17, 33, 65, 100, 130)] == [16, 16, 32, 48, 96, 128, 192]
     for n in range(1, 3000, 7):
-        b = S.bucket_length(n)
+        b = scoring.bucket_length(n)
         assert n <= b < max(2 * n, 17)

@@ -1,6 +1,6 @@
 """The evaluation tasks of the Spirit LM paper on our engine (docs/eval.md has the formats and layouts).
 
-Likelihood tasks (one jit forward per batch, ``infer/scoring.py``):
+Likelihood tasks (one jit forward per batch, ``evaluation/scoring.py``):
   * ``pairs``      sWUGGY / sBLIMP / BLiMP / whole-utterance spoken StoryCloze: the higher score wins.
   * ``storycloze`` StoryCloze / topic-StoryCloze in T, S, T→S, S→T: the correct ending must score higher.
   * ``intent``     few-shot intent classification: every label is scored as the continuation, argmax wins.
@@ -26,12 +26,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from spiritlm_jax import prompting as P
-from spiritlm_jax.infer import metrics as M
-from spiritlm_jax.infer.eval_data import ClozeItem, DataError, PairItem, Utterance
-from spiritlm_jax.infer.scoring import Scores, score_continuations
+from spiritlm_jax import prompting
+from spiritlm_jax.evaluation import metrics
+from spiritlm_jax.evaluation.data import ClozeItem, DataError, PairItem, Utterance
+from spiritlm_jax.evaluation.scoring import Scores, score_continuations
 
-TEXT, SPEECH = P.TEXT_PROMPT_PREFIX, P.SPEECH_PROMPT_PREFIX
+TEXT, SPEECH = prompting.TEXT_PROMPT_PREFIX, prompting.SPEECH_PROMPT_PREFIX
 _UNIT_RUN = re.compile(r"^(?:\[(?:Hu|Pi|St)\d+\])+")
 
 # The paper's numbers (arXiv 2402.05755v2), recorded next to ours in every result.
@@ -132,11 +132,11 @@ class Runner:
         from spiritlm_jax.infer.engine import generate as engine_generate
 
         lm = self.lm
-        mod = P.to_output_modality(modality)
-        if mod is P.OutputModality.ARBITRARY:
+        mod = prompting.to_output_modality(modality)
+        if mod is prompting.OutputModality.ARBITRARY:
             banned = np.zeros((lm.cfg.vocab_size,), bool)
         else:
-            banned = P.forbidden_mask(mod, lm.tokenizer.vocab, lm.expressive, n_embed=lm.cfg.vocab_size)
+            banned = prompting.forbidden_mask(mod, lm.tokenizer.vocab, lm.expressive, n_embed=lm.cfg.vocab_size)
         out: list[list[int]] = []
         for s in range(0, len(prompts), self.batch_size):
             ids = [lm.tokenizer.encode(p) for p in prompts[s:s + self.batch_size]]
@@ -323,9 +323,9 @@ def run_asr(runner: Runner, items: Sequence[Utterance], *, n_shot: int = 10, sho
         cont = runner.decode_full(p, nid)[len(p):]
         hyps.append(cont.lstrip(" ").split("\n")[0].strip())
     refs = [e.text for e in ev]
-    c = M.wer_counts(refs, hyps)
+    c = metrics.wer_counts(refs, hyps)
     recs = [{"id": e.id, "ref": r, "hyp": h} for e, r, h in zip(ev, refs, hyps)]
-    return EvalResult("asr", {"wer": 100.0 * M.wer(refs, hyps), "n": len(ev), "substitutions": c.substitutions,
+    return EvalResult("asr", {"wer": 100.0 * metrics.wer(refs, hyps), "n": len(ev), "substitutions": c.substitutions,
                               "deletions": c.deletions, "insertions": c.insertions, "ref_words": c.ref_len},
                       {"n_shot": n_shot, "seed": seed, "greedy": True, "max_new_tokens": max_new_tokens,
                        "lowercase_prompts": lowercase, "normalization": "lower-case, punctuation removed"},
@@ -419,7 +419,7 @@ def run_tts(runner: Runner, items: Sequence[Utterance], asr, *, n_shot: int = 10
     refs = [e.text for e in ev]
     recs = [{"id": e.id, "ref": r, "asr": h, "n_units": s.count("[Hu"), "vocoded": w is not None}
             for e, r, h, s, w in zip(ev, refs, hyps, speech, wavs)]
-    return EvalResult("tts", {"cer": 100.0 * M.cer(refs, hyps), "n": len(ev), "n_no_speech": len(ev) - len(ok)},
+    return EvalResult("tts", {"cer": 100.0 * metrics.cer(refs, hyps), "n": len(ev), "n_no_speech": len(ev) - len(ok)},
                       {"n_shot": n_shot, "seed": seed, "do_sample": do_sample, "temperature": temperature,
                        "top_p": top_p, "max_new_tokens": max_new_tokens, "output_modality": "arbitrary",
                        "lowercase_prompts": lowercase, "speaker_id": speaker_id,
@@ -457,7 +457,7 @@ def run_intent(runner: Runner, items: Sequence[Utterance], *, n_shot: int = 10, 
     refs = [e.label for e in ev]
     recs = [{"id": e.id, "label": r, "pred": p, "scores": dict(zip(labs, map(float, s)))}
             for e, r, p, s in zip(ev, refs, preds, sc)]
-    return EvalResult("intent", {"accuracy": M.accuracy(refs, preds), "n": len(ev), "n_labels": len(labs)},
+    return EvalResult("intent", {"accuracy": metrics.accuracy(refs, preds), "n": len(ev), "n_labels": len(labs)},
                       {"n_shot": n_shot, "seed": seed, "modality": modality, "normalization": runner.normalization,
                        "labels": labs},
                       {"template": "(<input>[Text]<label>\\n) x n_shot + <input>[Text] | <label> scored for every "
@@ -525,11 +525,11 @@ def _classify(outputs: list, classifier, out_mod: str) -> list[str]:
         raise EvalError(f"the classifier returned {len(labels)} labels for {len(outputs)} inputs")
     out = []
     for lab in labels:
-        if out_mod == "s" and lab in M.SPEECH_CLASSIFIER_TO_SENTIMENT:
-            lab = M.SPEECH_CLASSIFIER_TO_SENTIMENT[lab]
-        if lab not in M.SENTIMENTS:
-            raise EvalError(f"the sentiment classifier returned {lab!r}; expected one of {M.SENTIMENTS} (or, for "
-                            f"speech, {sorted(M.SPEECH_CLASSIFIER_TO_SENTIMENT)})")
+        if out_mod == "s" and lab in metrics.SPEECH_CLASSIFIER_TO_SENTIMENT:
+            lab = metrics.SPEECH_CLASSIFIER_TO_SENTIMENT[lab]
+        if lab not in metrics.SENTIMENTS:
+            raise EvalError(f"the sentiment classifier returned {lab!r}; expected one of {metrics.SENTIMENTS} (or, for "
+                            f"speech, {sorted(metrics.SPEECH_CLASSIFIER_TO_SENTIMENT)})")
         out.append(lab)
     return out
 
@@ -566,7 +566,7 @@ def run_stsp(runner: Runner, records: Sequence[dict], direction: str, classifier
             raise EvalError("few-shot STSP needs the direction's few-shot file (manifest/few_shot/<dir>.jsonl)")
         prefix, chosen = stsp_few_shot_prompt(runner, few_shot_rows, (ci, co), n_shot, seed, root)
     out_mod = "text" if co == "t" else "speech"
-    prompts = [prefix + P.build_prompt([("speech" if ci == "s" else "text", x)], out_mod, encode_speech=lambda s: s)
+    prompts = [prefix + prompting.build_prompt([("speech" if ci == "s" else "text", x)], out_mod, encode_speech=lambda s: s)
                for x in inputs]
     gen = dict(STSP_GENERATION[co])
     if max_new_tokens is not None:  # a deviation from the original's settings, recorded in the result
@@ -587,7 +587,7 @@ def run_stsp(runner: Runner, records: Sequence[dict], direction: str, classifier
             attempts[i] = attempt + 1
             full = runner.decode_full(prompts[i], nid)
             try:
-                o = P.decode_generated_output(full, prompts[i], out_mod, decode)[0].content
+                o = prompting.decode_generated_output(full, prompts[i], out_mod, decode)[0].content
                 if co == "s" and not len(o):
                     raise ValueError("empty waveform")
                 outputs[i] = o
@@ -600,7 +600,7 @@ def run_stsp(runner: Runner, records: Sequence[dict], direction: str, classifier
     labels = _classify([outputs[i] for i in ok], classifier, co) if ok else []
     preds = {i: lab for i, lab in zip(ok, labels)}
     pred_recs = [{"id": r["id"], "pred": preds.get(i, "failed")} for i, r in enumerate(records)]
-    score = M.stsp_accuracy(records, pred_recs, label=label)
+    score = metrics.stsp_accuracy(records, pred_recs, label=label)
     items = []
     for i, r in enumerate(records):
         rec = {"id": r["id"], "pred": preds.get(i, "failed"), "attempts": attempts[i]}

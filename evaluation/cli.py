@@ -80,52 +80,52 @@ def _mesh(spec):
 
 def run_task(args, lm):
     """Run one task on a loaded model; returns an EvalResult."""
-    from spiritlm_jax.infer import eval_data as D
-    from spiritlm_jax.infer import eval_tasks as E
+    from spiritlm_jax.evaluation import data as eval_data
+    from spiritlm_jax.evaluation import tasks as eval_tasks
 
-    r = E.Runner(lm, batch_size=args.batch_size, normalization=args.normalization)
+    r = eval_tasks.Runner(lm, batch_size=args.batch_size, normalization=args.normalization)
     t = args.task
     if t in ("swuggy", "sblimp", "pairs"):
-        return E.run_pairs(r, _limit(D.read_pairs(args.data), args.limit), t)
+        return eval_tasks.run_pairs(r, _limit(eval_data.read_pairs(args.data), args.limit), t)
     if t == "mmlu":
-        test = D.read_mmlu(args.data, "test")
+        test = eval_data.read_mmlu(args.data, "test")
         if args.limit:
             test = {k: v[: args.limit] for k, v in test.items()}
         n = 5 if args.n_shot is None else args.n_shot
-        return E.run_mmlu(r, test, D.read_mmlu(args.data, "dev") if n else None, n_shot=n)
+        return eval_tasks.run_mmlu(r, test, eval_data.read_mmlu(args.data, "dev") if n else None, n_shot=n)
     if t in ("storycloze", "topic-storycloze"):
-        return E.run_storycloze(r, _limit(D.read_storycloze(args.data), args.limit), args.direction or "T", t)
+        return eval_tasks.run_storycloze(r, _limit(eval_data.read_storycloze(args.data), args.limit), args.direction or "T", t)
     lower = not args.no_lowercase
     if t in ("asr", "tts"):
-        items = _limit(D.read_utterances(args.data), args.limit)
-        pool = D.read_utterances(args.shots) if args.shots else None
+        items = _limit(eval_data.read_utterances(args.data), args.limit)
+        pool = eval_data.read_utterances(args.shots) if args.shots else None
         n = 10 if args.n_shot is None else args.n_shot
         if t == "asr":
-            return E.run_asr(r, items, n_shot=n, shot_pool=pool, seed=args.seed,
+            return eval_tasks.run_asr(r, items, n_shot=n, shot_pool=pool, seed=args.seed,
                              max_new_tokens=args.max_new_tokens or 200, lowercase=lower)
         if not args.asr_model:
-            raise E.EvalError("tts needs --asr-model (a local HF ASR folder or module:function) to compute the CER")
-        return E.run_tts(r, items, args.asr_model, n_shot=n, shot_pool=pool, seed=args.seed,
+            raise eval_tasks.EvalError("tts needs --asr-model (a local HF ASR folder or module:function) to compute the CER")
+        return eval_tasks.run_tts(r, items, args.asr_model, n_shot=n, shot_pool=pool, seed=args.seed,
                          max_new_tokens=args.max_new_tokens or 300, lowercase=lower)
     if t == "intent":
-        items = _limit(D.read_labelled(args.data), args.limit)
-        pool = D.read_labelled(args.shots) if args.shots else None
-        return E.run_intent(r, items, n_shot=10 if args.n_shot is None else args.n_shot, shot_pool=pool,
+        items = _limit(eval_data.read_labelled(args.data), args.limit)
+        pool = eval_data.read_labelled(args.shots) if args.shots else None
+        return eval_tasks.run_intent(r, items, n_shot=10 if args.n_shot is None else args.n_shot, shot_pool=pool,
                             seed=args.seed, modality=args.modality)
     if t == "stsp":
         if not args.classifier:
-            raise E.EvalError("stsp needs --classifier (the sentiment classifier: a local HF folder or "
+            raise eval_tasks.EvalError("stsp needs --classifier (the sentiment classifier: a local HF folder or "
                               "module:function); the original's come from the STSP archive's model/ folder")
         manifest = Path(args.data)
         root = Path(args.stsp_root) if args.stsp_root else manifest.resolve().parent.parent.parent
         data_root = root / "data" if (root / "data").is_dir() else root
-        ci, co = E.parse_direction(args.direction or "s2s")
+        ci, co = eval_tasks.parse_direction(args.direction or "s2s")
         n = args.n_shot or 0
         rows = None
         if n > 0:
-            shots = Path(args.shots) if args.shots else root / "manifest" / "few_shot" / f"{E.STSP_FEW_SHOT_FILES[(ci, co)]}.jsonl"
-            rows = D.read_jsonl(shots)
-        res = E.run_stsp(r, _limit(D.read_jsonl(manifest), args.limit), args.direction or "s2s", args.classifier,
+            shots = Path(args.shots) if args.shots else root / "manifest" / "few_shot" / f"{eval_tasks.STSP_FEW_SHOT_FILES[(ci, co)]}.jsonl"
+            rows = eval_data.read_jsonl(shots)
+        res = eval_tasks.run_stsp(r, _limit(eval_data.read_jsonl(manifest), args.limit), args.direction or "s2s", args.classifier,
                          data_root=data_root, few_shot_rows=rows, n_shot=n, seed=args.seed,
                          max_new_tokens=args.max_new_tokens)
         if args.write_pred:
@@ -136,11 +136,11 @@ def run_task(args, lm):
                         rec["generation"] = it["generation"]
                     f.write(json.dumps(rec) + "\n")
         return res
-    raise E.EvalError(f"unknown task {t!r}")
+    raise eval_tasks.EvalError(f"unknown task {t!r}")
 
 
 def format_table(res, variant: str) -> str:
-    from spiritlm_jax.infer.eval_tasks import PAPER
+    from spiritlm_jax.evaluation.tasks import PAPER
 
     paper = PAPER.get(res.task, {}).get(variant)
     rows = [("task", res.task)]
@@ -159,10 +159,10 @@ def format_table(res, variant: str) -> str:
 def run(args) -> int:
     import jax
 
-    from spiritlm_jax.infer.eval_data import DataError
-    from spiritlm_jax.infer.eval_tasks import EvalError
-    from spiritlm_jax.infer.metrics import MetricError
-    from spiritlm_jax.infer.scoring import ScoringError
+    from spiritlm_jax.evaluation.data import DataError
+    from spiritlm_jax.evaluation.tasks import EvalError
+    from spiritlm_jax.evaluation.metrics import MetricError
+    from spiritlm_jax.evaluation.scoring import ScoringError
     from spiritlm_jax.spiritlm import SpiritLM
 
     try:
