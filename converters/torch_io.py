@@ -52,6 +52,9 @@ def _resolve_globals(names: Iterable[str]):
 
     out = []
     for name in names:
+        if _CODE_RUNNING.fullmatch(name) or name.split(".")[0] in ("os", "posix", "nt", "sys"):
+            raise UnsafePickleError(f"refusing to allowlist '{name}': it can run code or touch files and "
+                                    f"processes when a pickle calls it; no checkpoint needs it")
         mod, _, attr = name.rpartition(".")
         if not mod:
             raise ValueError(f"allowlisted class must be 'module.Class', got {name!r}")
@@ -62,7 +65,46 @@ def _resolve_globals(names: Iterable[str]):
     return out
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|global\s+)\s*([\w.]+)")
+# torch's weights-only unpickler words a refused global two ways (torch 2.13):
+#   "Unsupported global: GLOBAL mod.Class was not an allowed global by default. ..."  (allowlistable)
+#   "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."   (never allowlistable)
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL\s+([\w.]+)")
+_BLOCKED_GLOBAL = re.compile(r"unsupported GLOBAL\s+([\w.]+)\s+whose module\s+(\w+)\s+is blocked")
+# Globals torch does not block by module but that run code or touch the system when a pickle calls them:
+# refused like the blocked ones, never offered for the allowlist.
+_CODE_RUNNING = re.compile(r"((builtins\.)?(eval|exec|compile|__import__|getattr|open|breakpoint)|"
+                           r"(subprocess|shutil|pty|socket|runpy|importlib|ctypes|webbrowser|pickle|marshal|"
+                           r"code|multiprocessing|signal)(\..*)?)")
+
+
+def _refusal(path: Path, msg: str) -> CheckpointError:
+    """torch's UnpicklingError text → our error: which global was refused and why, or 'corrupt'."""
+    blocked = _BLOCKED_GLOBAL.search(msg)
+    if blocked:
+        name, module = blocked.groups()
+        return UnsafePickleError(
+            f"{path}: REFUSED, not loaded: the pickle calls '{name}', a function of the module '{module}' "
+            f"(process and system access), which torch's weights-only loader blocks outright because "
+            f"unpickling it would run code on this machine. A real checkpoint never needs it: this file was "
+            f"tampered with or is not a checkpoint. Do not load it; get the file again from the original "
+            f"release.")
+    unsupported = _UNSUPPORTED_GLOBAL.search(msg)
+    if unsupported and _CODE_RUNNING.fullmatch(unsupported.group(1)):
+        name = unsupported.group(1)
+        return UnsafePickleError(
+            f"{path}: REFUSED, not loaded: the pickle calls '{name}', which can run code or touch files and "
+            f"processes on this machine; no checkpoint needs it, so it is never allowlisted. This file was "
+            f"tampered with or is not a checkpoint; get it again from the original release.")
+    if unsupported:
+        cls = unsupported.group(1)
+        return UnsafePickleError(
+            f"{path}: the pickle needs the class '{cls}', which is not on the allowlist, so it was NOT "
+            f"loaded (loading runs torch.load(weights_only=True), which constructs only known-safe types). "
+            f"If you trust this file, allow that class explicitly: allow_classes=['{cls}'] in Python or "
+            f"--allow-pickle-class {cls} on the command line.")
+    # (torch's own text suggests weights_only=False, which is wrong advice for a damaged file)
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint: the file is corrupt, truncated or "
+                           f"not a torch.save file; re-copy it from the original release")
 
 
 def torch_load(path: str | os.PathLike, *, allow_classes: Iterable[str] = (), mmap: bool = True) -> Any:
@@ -79,23 +121,12 @@ def torch_load(path: str | os.PathLike, *, allow_classes: Iterable[str] = (), mm
         raise CheckpointError(f"checkpoint file is empty: {path}")
     allowed = list(allow_classes)
     use_mmap = mmap and zipfile.is_zipfile(path)  # legacy (non-zip) torch.save files cannot be mapped
+    safe = _resolve_globals(allowed)
     try:
-        with torch.serialization.safe_globals(_resolve_globals(allowed)):
+        with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        m = _UNSUPPORTED_GLOBAL.search(msg)
-        if m is None or "Unsupported global" not in msg:
-            # (torch's own text suggests weights_only=False, which is wrong advice for a damaged file)
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: the file is corrupt, truncated or "
-                                  f"not a torch.save file; re-copy it from the original release") from e
-        cls = m.group(1)
-        raise UnsafePickleError(
-            f"{path}: the pickle needs the class '{cls}', which is not on the allowlist, so it was NOT "
-            f"loaded (loading runs torch.load(weights_only=True)). If you trust this file, allow that "
-            f"class explicitly: allow_classes=['{cls}'] in Python or --allow-pickle-class {cls} on the "
-            f"command line."
-        ) from None
+        raise _refusal(path, str(e)) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... on damaged files
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(

@@ -126,3 +126,30 @@ def test_converted_dir_errors(hf_dir, tmp_path):
     shutil.rmtree(out / "params")
     with pytest.raises(CheckpointError, match="incomplete"):
         load_converted(out)
+
+
+class _RunsShell:  # what a hostile pickle does: call os.system when unpickled
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this-must-never-run",))
+
+
+class _RunsEval:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+@pytest.mark.parametrize("payload, refused", [(_RunsShell(), "posix.system"), (_RunsEval(), "eval")])
+def test_code_running_pickle_is_refused_by_name_not_called_corrupt(tmp_path, payload, refused):
+    # torch 2.13 words the first "unsupported GLOBAL posix.system whose module posix is blocked"; the
+    # message must name that global and say why, not send the user to re-copy a "corrupt" file.
+    f = tmp_path / "hostile.pt"
+    torch.save({"w": torch.zeros(2), "x": payload}, f)
+    with pytest.raises(UnsafePickleError) as e:
+        torch_io.torch_load(f)
+    msg = str(e.value)
+    assert f"'{refused}'" in msg and "REFUSED" in msg and "run code" in msg
+    assert "corrupt" not in msg and "--allow-pickle-class" not in msg  # never offered for the allowlist
+    with pytest.raises(UnsafePickleError):  # an allowlist entry does not open it either
+        torch_io.torch_load(f, allow_classes=[{"posix.system": "os.system", "eval": "builtins.eval"}[refused]])
