@@ -296,3 +296,30 @@ def test_readme_train_command_runs(tmp_path, monkeypatch):
     assert main(argv[1:]) == 0
     out = tmp_path / "runs" / "tiny"
     assert (out / "loss_curve.png").exists() and (out / "metrics.jsonl").exists()
+
+
+def test_seq_len_beyond_the_context_and_zero_batches_are_config_errors(tmp_path, capsys):
+    from spiritlm_jax.cli import main
+
+    with pytest.raises(TrainConfigError, match=r"data.seq_len=128 is longer than the model's context "
+                                               r"\(model.max_position_embeddings=64\)"):
+        tiny_cfg(tmp_path, "data.seq_len=128")
+    for bad in ("data.batch_size=0", "data.batch_size=-8"):
+        with pytest.raises(TrainConfigError, match="data.batch_size must be >= 1"):
+            tiny_cfg(tmp_path, bad)
+        assert main(["train", *TINY, bad, f"checkpoint.dir={tmp_path / 'c'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: data.batch_size must be >= 1") and "Traceback" not in err
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_seq_len_beyond_an_init_checkpoints_context(tmp_path, golden_dir, capsys):
+    # model.init's own max_position_embeddings decides (the random-model fields are not used then).
+    from spiritlm_jax.cli import main
+
+    init = golden_dir / "checkpoints" / "spiritlm_model" / "spirit-lm-base-7b"
+    ctx = json.loads((init / "config.json").read_text())["max_position_embeddings"]
+    assert main(["train", f"model.init={init}", f"data.seq_len={ctx + 1}", "model.max_position_embeddings=100000",
+                 "data.batch_size=8", "progress=false", f"checkpoint.dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.seq_len={ctx + 1} is longer than the model's context of {ctx} positions (model.init {init})" in err

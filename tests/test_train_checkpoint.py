@@ -11,7 +11,7 @@ import pytest
 
 from spiritlm_jax import sharding as shd
 from spiritlm_jax.converters.torch_io import CheckpointError
-from spiritlm_jax.train.checkpointing import Checkpointer
+from spiritlm_jax.train.checkpointing import Checkpointer, CheckpointMismatchError
 from spiritlm_jax.train.config import TrainConfig
 from spiritlm_jax.train.trainer import SyntheticIterator, Trainer, TrainingDivergedError
 
@@ -167,3 +167,112 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
     assert ck.all_steps() == [2, 4]
     step, state, _, _ = ck.restore_latest(tr.layout.abstract)
     assert step == 4 and bit_equal(host(state), saved)
+
+
+@pytest.mark.parametrize("change", [("model.hidden_size=32",), ("model.num_hidden_layers=3",),
+                                    ("optim.clip_norm=0",)])
+def test_resume_with_changed_config_names_the_fields_and_moves_nothing(tmp_path, uninterrupted, change):
+    # A valid checkpoint of another model (or optimizer-state layout) is a user mistake, not corruption:
+    # before, every such checkpoint was moved to corrupt/ and the next correct run silently restarted at 1.
+    import shutil
+
+    _, _, full = uninterrupted
+    d = tmp_path / "ck"
+    shutil.copytree(full, d)
+    before = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    tr = Trainer(cfg_for(d, "steps=8", *change), RecordingIterator(8, 16, 256, seed=4), mesh=mesh())
+    with pytest.raises(CheckpointMismatchError) as e:
+        tr.initialize()
+    msg = str(e.value)
+    field = change[0].split("=")[0]
+    assert f"checkpoint {d}/6 was written by a run with a different model or optimizer" in msg
+    assert field in msg and "Nothing was moved" in msg, msg
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*")) == before  # nothing moved or deleted
+    # and the correct config still resumes from the newest step
+    tr2 = Trainer(cfg_for(d, "steps=8"), RecordingIterator(8, 16, 256, seed=4), mesh=mesh())
+    assert tr2.initialize() == 6
+    tr2.close()
+
+
+def test_resume_with_changed_config_through_the_cli(tmp_path, uninterrupted, capsys):
+    import shutil
+
+    from spiritlm_jax.cli import main
+
+    _, _, full = uninterrupted
+    d = tmp_path / "ck"
+    shutil.copytree(full, d)
+    assert main(["train", *TINY, "steps=8", f"checkpoint.dir={d}", "model.intermediate_size=96"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") <= 2 and "Traceback" not in err
+    assert "model.intermediate_size 128 in the checkpoint vs 96 now" in err
+    assert not (d / "corrupt").exists() and Checkpointer(d).all_steps() == [2, 4, 6]
+
+
+def test_metrics_rows_are_not_repeated_after_a_resume(tmp_path):
+    # A run killed after step 3's row but before checkpoint 4 replays step 3 on resume: its row is
+    # dropped first, so metrics.jsonl holds every step exactly once.
+    import json
+
+    it1 = RecordingIterator(8, 16, 256, seed=4, kill_at=4)
+    tr1 = Trainer(cfg_for(tmp_path), it1, mesh=mesh())
+    with pytest.raises(Killed):
+        tr1.train()
+    tr1.close()
+    rows = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4]  # step 4's row was written, its checkpoint too; nothing past it
+    (tmp_path / "metrics.jsonl").open("a").write('{"step": 5, "loss"')  # a row half-written by a crash
+    tr2 = Trainer(cfg_for(tmp_path), RecordingIterator(8, 16, 256, seed=4), mesh=mesh())
+    tr2.train()
+    tr2.close()
+    rows = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_an_older_checkpoint_drops_the_replayed_rows(tmp_path, uninterrupted):
+    import json
+    import shutil
+
+    _, _, full = uninterrupted
+    d = tmp_path / "ck"
+    shutil.copytree(full, d)
+    shutil.rmtree(d / "6")  # resume must come from 4 and replay 5 and 6
+    tr = Trainer(cfg_for(d), RecordingIterator(8, 16, 256, seed=4), mesh=mesh())
+    assert tr.initialize() == 4
+    rows = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4]
+    tr.close()
+
+
+def test_disk_full_stops_at_the_save_with_the_last_checkpoint_intact(tmp_path):
+    # A REAL full disk: a 2200 KiB tmpfs mounted in a private mount namespace (`unshare --map-root-user
+    # --mount`, no root needed where user namespaces are allowed) holds exactly one checkpoint of this
+    # model (1.4 MB measured), so the save of step 4 cannot fit. Everything runs inside the namespace
+    # (the mount vanishes with it), then the run folder is copied out for the checks.
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    disk, out = tmp_path / "disk", tmp_path / "copied"
+    disk.mkdir()
+    train = [sys.executable, "-m", "spiritlm_jax.cli", "train", *TINY, "steps=8", "checkpoint.keep=5",
+             f"checkpoint.dir={disk}/run"]
+    script = (f"mount -t tmpfs -o size=2200k tmpfs {disk} && {shlex.join(train)} 2>{tmp_path}/err; "
+              f"echo $? > {tmp_path}/rc; ls -a {disk}/run > {tmp_path}/listing; cp -a {disk}/run {out}")
+    assert shutil.which("unshare"), "util-linux's unshare is needed to mount a private tmpfs"
+    subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], check=True, timeout=300,
+                   env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "4", err
+    assert "Traceback" not in err
+    msg = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(msg) == 1 and "checkpoint step 4 cannot be saved" in msg[0] and "no space left on device" in msg[0]
+    assert f"the last complete checkpoint is {disk}/run/2 and it is intact" in msg[0]
+    assert "step 5:" not in err  # it stopped at the failed save, not later
+    listing = (tmp_path / "listing").read_text().split()
+    assert "2" in listing and not [n for n in listing if "tmp" in n]  # no temporary folder left behind
+    # the copied checkpoint 2 restores and verifies (fingerprint) in a fresh trainer
+    tr = Trainer(cfg_for(out), RecordingIterator(8, 16, 256, seed=4), mesh=mesh())
+    assert tr.initialize() == 2
+    tr.close()

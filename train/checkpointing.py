@@ -16,10 +16,17 @@ item of every host is committed, so a run killed mid-save leaves no step directo
 Corruption (a truncated or edited file) is caught on restore: orbax fails to decode it, or the
 fingerprint differs. ``restore_latest`` then moves that step aside (``<dir>/corrupt/<step>-<time>``) and
 tries the previous one, so training always resumes from the newest *good* checkpoint.
+
+Two failures are NOT corruption and move nothing: a checkpoint whose arrays do not fit the run's model
+(``CheckpointMismatchError``: resuming with a changed model or optimizer config, or with a different
+number of processes) names the differing config fields and stops; a save that cannot be written
+(``CheckpointSaveError``: disk full, permissions) stops the run at that save with the last complete
+checkpoint intact and the half-written temporary folder removed.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import shutil
@@ -38,6 +45,14 @@ from orbax.checkpoint._src.handlers import async_checkpoint_handler
 from spiritlm_jax.converters.torch_io import CheckpointError
 
 log = logging.getLogger("spiritlm_jax.train")
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A valid checkpoint that does not fit this run (other model shape, optimizer or process count)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions); the run must stop."""
 
 
 # ---------------------------------------------------------------------- per-process data state
@@ -124,6 +139,8 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._keep = keep
         self._async = async_save
+        self._failed: CheckpointSaveError | None = None
+        self._saving: int | None = None  # the step being written (for the failure message)
         self._open()
 
     def _open(self):
@@ -136,21 +153,99 @@ class Checkpointer:
 
     # -------------------------------------------------------------- save
     def save(self, step: int, state, data_state: Any, meta: dict | None = None) -> None:
-        """Start saving ``state`` (non-blocking when async); the data state and meta are captured now."""
+        """Start saving ``state`` (non-blocking when async); the data state and meta are captured now.
+
+        An earlier asynchronous save that failed raises ``CheckpointSaveError`` here (see ``check``)."""
+        self.wait()  # the previous save (had `every` steps to finish) must have committed, or its failure is named
+        self._check_space(step, state)
         meta = dict(meta or {})
         meta.update(step=int(step), fingerprint=fingerprint(state), saved_at=time.time())
-        ok = self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataStateSave(data_state), meta=ocp.args.JsonSave(meta)),
-            force=True)
+        self._saving = int(step)
+        try:
+            ok = self.manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=DataStateSave(data_state), meta=ocp.args.JsonSave(meta)),
+                force=True)
+        except Exception as e:  # orbax/tensorstore raise assorted types for a failed write
+            raise self._save_failed(e) from None
         if not ok:
             raise CheckpointError(f"orbax refused to save step {step} in {self.directory}")
+        if not self._async:
+            self._saving = None
+
+    def _check_space(self, step: int, state) -> None:
+        """Refuse a save the file system cannot hold BEFORE writing anything: the run stops at this save
+        with one message, no temporary folder, and every earlier checkpoint intact. (A failure while
+        writing, e.g. a quota or a disk that fills meanwhile, is still caught by ``_save_failed``.)"""
+        need = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
+        need = int(need * 1.05) + (64 << 10)  # orbax metadata, the data state and the meta JSON
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            self._saving = int(step)
+            self._failed = CheckpointSaveError(
+                f"checkpoint step {step} cannot be saved to {self.directory}: no space left on device (it needs "
+                f"about {_human(need)}, {_human(free)} are free). Training stopped before writing it; "
+                f"{self._last_complete(step)}. To continue, free disk "
+                f"space or set checkpoint.dir to a larger disk and run the same command again (it resumes from "
+                f"the last complete checkpoint).")
+            raise self._failed
+
+    def _last_complete(self, failed_step) -> str:
+        try:
+            good = [s for s in sorted(self.manager.all_steps()) if s != failed_step]
+        except Exception:  # noqa: BLE001 - the listing is only for the message
+            good = []
+        return (f"the last complete checkpoint is {self.directory}/{good[-1]} and it is intact" if good
+                else "no checkpoint was completed yet")
+
+    def check(self) -> None:
+        """Raise ``CheckpointSaveError`` if a background save failed (cheap; the trainer calls it every step)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._save_failed(e) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed is not None:
+            return  # already reported; nothing more is being written
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(e) from None
+        self._saving = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        self.wait()
+        if self._failed is None:  # after a failed save orbax's threads are in an error state: leave them be
+            self.manager.close()
+
+    def _save_failed(self, e: BaseException) -> CheckpointSaveError:
+        """One clear error for a failed save; removes the step's temporary folder (nothing half-written stays)."""
+        if self._failed is not None:
+            return self._failed
+        step = self._saving
+        text = f"{type(e).__name__}: {e}"
+        full = _is_disk_full(e)
+        self._remove_temporaries(step)
+        last = self._last_complete(step)
+        free = shutil.disk_usage(self.directory).free if self.directory.exists() else 0
+        why = (f"no space left on device ({_human(free)} free on the file system of {self.directory})" if full
+               else f"the write failed ({text.splitlines()[0][:300]})")
+        fix = ("free disk space or set checkpoint.dir to a larger disk" if full
+               else "check that checkpoint.dir is writable")
+        self._failed = CheckpointSaveError(
+            f"checkpoint step {step} could not be saved to {self.directory}: {why}. Training stopped; {last}. "
+            f"To continue, {fix} and run the same command again (it resumes from the last complete checkpoint).")
+        return self._failed
+
+    def _remove_temporaries(self, step) -> None:
+        """Every ``<step>.orbax-checkpoint-tmp*`` folder: uncommitted by definition (orbax renames a step
+        into place only once complete), and this run is the directory's only writer."""
+        if jax.process_index() != 0:
+            return
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def all_steps(self) -> list[int]:
         self.manager.reload()
@@ -179,12 +274,14 @@ class Checkpointer:
                                   f"{len(bad)} array(s) differs from the one recorded at save time, e.g. {bad[:3]}")
         return state, data_state, meta
 
-    def restore_latest(self, abstract_state) -> Optional[tuple[int, Any, Any, dict]]:
+    def restore_latest(self, abstract_state, config: dict | None = None) -> Optional[tuple[int, Any, Any, dict]]:
         """Newest good checkpoint as (step, state, data_state, meta); None if the directory has none.
 
         A damaged step is moved to ``<dir>/corrupt/`` (so a later save of the same step number works) and
         the previous one is tried. If checkpoints exist but none is good, that is an error: starting
-        from scratch silently would throw the run away.
+        from scratch silently would throw the run away. A readable checkpoint that does not fit
+        ``abstract_state`` raises ``CheckpointMismatchError`` naming the differing fields of ``config``
+        (this run's ``TrainConfig.to_dict()``) against the checkpoint's; nothing is moved.
         """
         steps = self.all_steps()
         if not steps:
@@ -192,7 +289,10 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
+                self.check_fits(step, abstract_state, config)
                 state, data_state, meta = self.restore(step, abstract_state)
+            except CheckpointMismatchError:
+                raise
             except CheckpointError as e:
                 log.warning("%s; falling back to the previous checkpoint", e)
                 errors.append(str(e))
@@ -201,6 +301,42 @@ class Checkpointer:
             return step, state, data_state, meta
         raise CheckpointError(f"no usable checkpoint in {self.directory} (all {len(steps)} are damaged; moved to "
                               f"{self.directory / 'corrupt'}):\n  " + "\n  ".join(errors))
+
+    def check_fits(self, step: int, abstract_state, config: dict | None = None) -> None:
+        """``CheckpointMismatchError`` if step's arrays (names, shapes, dtypes) or its per-process data files
+        do not fit this run; ``CheckpointError`` if its metadata is unreadable (an integrity failure)."""
+        try:
+            saved_tree = self.manager.item_metadata(step)["state"]
+            if saved_tree is None:
+                raise FileNotFoundError(f"{self.directory / str(step) / 'state'} has no array metadata")
+            saved = {_path_name(p): (tuple(m.shape), np.dtype(m.dtype).name)
+                     for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
+        except Exception as e:  # noqa: BLE001 - a damaged metadata file is an integrity failure
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable: its array metadata "
+                                  f"cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+        want = {_path_name(p): (tuple(a.shape), np.dtype(a.dtype).name)
+                for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        differ = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        where = self.directory / str(step)
+        if differ:
+            fields = _config_diff(_saved_config(where), config)
+            shown = "; ".join(f"{k}: checkpoint {saved.get(k, 'absent')} vs this run {want.get(k, 'absent')}"
+                              for k in differ[:3])
+            named = (", ".join(fields) if fields else
+                     "no config field differs: the starting weights (model.init) have another shape")
+            raise CheckpointMismatchError(
+                f"checkpoint {where} was written by a run with a different model or optimizer: {named}. "
+                f"{len(differ)} array(s) do not fit, e.g. {shown}. Nothing was moved or deleted. To resume it, "
+                f"run with the checkpoint's settings (its config is in {where}/meta); to start a new run, use "
+                f"another checkpoint.dir.")
+        data_dir = where / "data"
+        mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        others = sorted(f.name for f in data_dir.glob("process_*-of-*.json")) if data_dir.is_dir() else []
+        if others and not mine.exists():
+            raise CheckpointMismatchError(
+                f"checkpoint {where} was written by {others[0].split('-of-')[1][:-5]} process(es), this run has "
+                f"{jax.process_count()}: every process resumes its own data shard, so resume it with the same "
+                f"number of processes (the arrays themselves restore onto any mesh). Nothing was moved.")
 
     def _quarantine(self, step: int) -> None:
         self.manager.wait_until_finished()
@@ -216,6 +352,73 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"quarantine-{step}")
         self.manager.close()
         self._open()
+
+
+def _path_name(path) -> str:
+    """'opt_state/1/0/mu/embed/embedding': one spelling for a leaf path whether the tree came from orbax's
+    metadata (named tuples stored as dicts) or from the live state (named tuples: attribute keys)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _saved_config(step_dir: Path) -> dict | None:
+    """The run config recorded in a step's meta item (None if unreadable: the message just names less)."""
+    try:
+        return json.loads((step_dir / "meta" / "metadata").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# Fields that shape the train state (model arrays, optimizer-state tree); the others may change on resume.
+_STATE_SECTIONS = ("model.", "optim.")
+
+
+def _config_diff(saved: dict | None, now: dict | None) -> list[str]:
+    """``["model.hidden_size 64 -> 128", ...]``: state-shaping fields whose value differs."""
+    if not saved or not now:
+        return []
+    a, b = _flatten(saved), _flatten(now)
+    keys = sorted(k for k in set(a) | set(b) if k.startswith(_STATE_SECTIONS) and a.get(k) != b.get(k))
+    return [f"{k} {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now" for k in keys]
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain, or tensorstore's RESOURCE_EXHAUSTED write error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left" in text or "RESOURCE_EXHAUSTED" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def abstract_like(state, shardings=None):

@@ -12,12 +12,16 @@ otherwise it is a dataset prepared by `spiritlm-jax prepare` (its version folder
 
 Outputs in checkpoint.dir: orbax checkpoints (the newest complete one is resumed automatically),
 metrics.jsonl, tensorboard/ event files, train_config.json and loss_curve.png at the end.
-Exit codes: 0 done, 2 bad config/input, 3 training diverged (NaN/inf; the last good checkpoint is kept).
+Exit codes: 0 done, 2 bad config/input (also: resuming a checkpoint.dir whose checkpoints belong to another
+model config; nothing is moved), 3 training diverged (NaN/inf; the last good checkpoint is kept), 4 a
+checkpoint could not be saved (disk full: the run stops at that save, the last complete checkpoint is intact),
+5 (multi-host) a peer process was lost: every process stops within distributed_timeout_s.
 Multi-host: set distributed=true (jax.distributed.initialize) and launch one process per host; see
 docs/training.md.
 """
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -90,9 +94,11 @@ def train(cfg) -> int:
 
     from spiritlm_jax.converters.torch_io import CheckpointError
     from spiritlm_jax.sharding import initialize_distributed
+    from .checkpointing import CheckpointSaveError
     from .trainer import Trainer, TrainingDivergedError, TrainingError, write_loss_curve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").addFilter(_drop_background_tracebacks)
     if cfg.distributed:
         initialize_distributed()
     ckdir = Path(cfg.checkpoint.dir)
@@ -107,17 +113,38 @@ def train(cfg) -> int:
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. metrics.jsonl or train_config.json on a full disk
+        print(f"error: {e.strerror or e} writing {e.filename or ckdir}; free space or pick another "
+              f"checkpoint.dir, then rerun to resume from the last complete checkpoint", file=sys.stderr)
+        return 4 if e.errno == errno.ENOSPC else 2
     finally:
         if trainer is not None:
-            trainer.close()
+            try:
+                trainer.close()
+            except CheckpointError as e:  # a save that failed while the run was ending
+                print(f"error: {e}", file=sys.stderr)
+                return 4  # noqa: B012 - the failed save decides the exit code
         if jax.process_index() == 0:
-            png = write_loss_curve(ckdir / "metrics.jsonl", ckdir / "loss_curve.png")
+            try:
+                png = write_loss_curve(ckdir / "metrics.jsonl", ckdir / "loss_curve.png")
+            except OSError as e:
+                png = None
+                print(f"warning: loss curve not written ({e.strerror or e})", file=sys.stderr)
             if png:
                 print(f"loss curve: {png}", file=sys.stderr)
     return 0
+
+
+def _drop_background_tracebacks(record) -> bool:
+    """orbax logs a failed asynchronous save from its background threads with full tracebacks; the
+    checkpointer turns that same failure into one clear error (CheckpointSaveError), so drop the noise."""
+    return not (record.levelname == "ERROR" and record.exc_info)
 
 
 class _LazyData:

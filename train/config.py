@@ -151,11 +151,17 @@ def _validate(c: TrainConfig) -> None:
         raise TrainConfigError(f"optim.schedule must be 'cosine' or 'constant', got {o.schedule!r}")
     if o.grad_accum < 1:
         raise TrainConfigError(f"optim.grad_accum must be >= 1, got {o.grad_accum}")
+    if d.batch_size < 1:
+        raise TrainConfigError(f"data.batch_size must be >= 1 (sequences per step, all hosts together), got {d.batch_size}")
     if d.batch_size % o.grad_accum:
         raise TrainConfigError(f"data.batch_size ({d.batch_size}) must be divisible by optim.grad_accum "
                                f"({o.grad_accum}): the global batch is split into equal micro-batches")
     if d.seq_len < 2:
         raise TrainConfigError(f"data.seq_len must be >= 2, got {d.seq_len}")
+    if m.init == "random" and d.seq_len > m.max_position_embeddings:
+        raise TrainConfigError(f"data.seq_len={d.seq_len} is longer than the model's context "
+                               f"(model.max_position_embeddings={m.max_position_embeddings}); lower data.seq_len or "
+                               f"raise model.max_position_embeddings")
     if c.steps < 1:
         raise TrainConfigError(f"steps must be >= 1, got {c.steps}")
     if m.remat not in ("none", "full", "dots"):

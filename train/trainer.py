@@ -429,6 +429,10 @@ class Trainer:
         if params is None and mc.init != "random":
             init_cfg, params = load_init_params(mc.init, self.mesh, mc)
         self.llama_cfg = llama_config(mc, init_cfg)
+        if cfg.data.seq_len > self.llama_cfg.max_position_embeddings:
+            src = f"model.init {mc.init}" if init_cfg is not None else "model.max_position_embeddings"
+            raise TrainingError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context of "
+                                f"{self.llama_cfg.max_position_embeddings} positions ({src}); lower data.seq_len")
         self.model = Llama(self.llama_cfg)
         self.modality = modality if modality is not None else modality_table(
             self.llama_cfg.vocab_size, mc.vocab_layout, None if mc.init == "random" else mc.init)
@@ -455,7 +459,8 @@ class Trainer:
     # -------------------------------------------------------------- state
     def initialize(self) -> int:
         """Restore the newest good checkpoint, else build a fresh state. Returns the starting step."""
-        restored = self.ckpt.restore_latest(self.layout.abstract) if self.cfg.checkpoint.resume else None
+        restored = (self.ckpt.restore_latest(self.layout.abstract, config=self.cfg.to_dict())
+                    if self.cfg.checkpoint.resume else None)
         if restored is not None:
             step, state, data_state, meta = restored
             self.state = state
@@ -466,7 +471,21 @@ class Trainer:
             self.state = init_state(self.model, self.tx, self.layout, self.cfg.seed, self._init_params)
             self.start_step = 0
         self._init_params = None
+        self._forget_metrics_after(self.start_step)
         return self.start_step
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop ``metrics.jsonl`` rows past the step training restarts from: those steps are run again
+        (after a crash, a kill, or a resume from an older checkpoint), so their rows would repeat."""
+        f = Path(self.cfg.checkpoint.dir) / "metrics.jsonl"
+        if jax.process_index() != 0 or not f.is_file():
+            return
+        lines = f.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and _row_step(ln) <= step]
+        if len(kept) != len(lines):
+            tmp = f.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(f)
 
     def compile(self):
         if self._step_fn is None:
@@ -501,6 +520,7 @@ class Trainer:
                 data_state = self.data.get_state()
                 self.state, metrics = step_fn(self.state, global_batch(batch, self.layout, cfg.data.batch_size))
                 step += 1
+                self.ckpt.check()  # a background save that failed (disk full) stops the run here
                 steps_since += 1
                 if pending is not None:
                     self._check(*pending)
@@ -585,6 +605,13 @@ class Trainer:
             print(line, file=self.console, flush=True)
         with open(Path(self.cfg.checkpoint.dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **_json_safe(m)}) + "\n")
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # an unreadable (half-written) row is dropped with the replayed ones
 
 
 def _json_safe(m: dict) -> dict:
