@@ -1,0 +1,118 @@
+"""The serving engine (serve/engine.py): continuous batching is exact, slots are independent, the prefix
+cache is used and bounded, bad requests are refused before they run."""
+import numpy as np
+import pytest
+
+from spiritlm_jax.infer.engine import SamplingConfig, generate
+from spiritlm_jax.serve.engine import Engine, PrefixCache, Request, ServeError, SlotSampling
+
+
+SLOTS, MAX_LEN = 3, 128
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from spiritlm_jax.spiritlm import SpiritLM
+    from spiritlm_jax.tiny_checkpoints import ensure_tiny_checkpoints
+
+    root, _ = ensure_tiny_checkpoints()
+    return SpiritLM.from_pretrained("spirit-lm-base-7b", checkpoints=root, variant="base", with_speech=False)
+
+
+def _offline(lm, prompt, n):
+    return generate(lm.cfg, lm.params, [prompt], SamplingConfig(max_new_tokens=n), eos_id=2)[0][0]
+
+
+def _collect(engine, schedule):
+    """Submit (step, request) pairs at their steps while the engine runs; returns new ids per request."""
+    out = {id(r): [] for _, r in schedule}
+    for _, r in schedule:
+        r.on_token = (lambda r, inner: lambda t, *a: (out[id(r)].append(t), bool(inner and inner(t, *a)))[1])(
+            r, r.on_token)
+    pending = sorted(schedule, key=lambda x: x[0])
+    step = 0
+    while pending or engine.has_work():
+        while pending and pending[0][0] <= step:
+            engine.submit(pending.pop(0)[1])
+        engine.step()
+        step += 1
+        assert step < 2000, "the engine did not finish"
+    return [out[id(r)] for _, r in schedule]
+
+
+def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighbours(lm):
+    rng = np.random.default_rng(0)
+    V = lm.cfg.vocab_size
+    shared = [1] + rng.integers(3, V, size=19).tolist()  # a 2.5-block prefix several prompts share
+    greedy_prompts = [[1] + rng.integers(3, V, size=int(n)).tolist() for n in (4, 11, 19, 28)]
+    greedy_prompts += [shared + rng.integers(3, V, size=int(n)).tolist() for n in (2, 9)]
+    n_new = 20
+    # one batched offline call: each row of `generate` decodes exactly as that prompt alone (its contract)
+    expected = generate(lm.cfg, lm.params, greedy_prompts, SamplingConfig(max_new_tokens=n_new), eos_id=2)[0]
+    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefix_block=8)
+    greedy = [Request(p, n_new) for p in greedy_prompts]
+    noise = [Request([1] + rng.integers(3, V, size=9).tolist(), int(rng.integers(5, 30)),
+                     SlotSampling(do_sample=True, temperature=1.3, top_p=0.8, repetition_penalty=1.2, seed=i))
+             for i in range(4)]
+    cancelled = Request([1, 5, 6], 100, SlotSampling(do_sample=True, seed=9))
+    schedule = [(int(s), r) for s, r in zip(rng.integers(0, 40, size=len(greedy) + len(noise)), greedy + noise)]
+    schedule.append((3, cancelled))
+    cancelled.on_token = lambda t, *a: cancelled.n_generated >= 5 and cancelled.cancel()
+    got = _collect(engine, schedule)
+    for prompt, want, have in zip(greedy_prompts, expected, got):
+        assert have == want, f"prompt of {len(prompt)} tokens: engine {have} != offline {want}"
+    assert cancelled.finish_reason == "cancelled" and cancelled.n_generated < 100
+    assert engine.prefix.hits >= 1 and engine.prefix.hit_tokens >= 16  # the shared prefix was reused
+    assert engine.active_slots == 0 and engine.queue_depth == 0
+
+
+def test_sampling_stream_is_per_slot(lm):
+    """A seeded sampled request gives the same tokens alone and beside other requests."""
+    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2)
+    s = SlotSampling(do_sample=True, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+    alone = engine.run_to_completion([Request([1, 7, 8, 9], 25, s)])[0]
+    crowd = engine.run_to_completion([Request([1, 3, 4], 30, SlotSampling(do_sample=True, seed=5)),
+                                      Request([1, 7, 8, 9], 25, s), Request([1, 10, 11, 12, 13], 12)])
+    assert crowd[1] == alone
+    full_vocab = SlotSampling(do_sample=True, top_k=0, top_p=0.5, seed=1234)  # the full-sort path
+    assert len(engine.run_to_completion([Request([1, 7, 8, 9], 5, full_vocab)])[0]) >= 1
+    top1 = engine.run_to_completion([Request([1, 7, 8, 9], 10, SlotSampling(do_sample=True, top_k=1, seed=3))])[0]
+    assert top1 == _offline(lm, [1, 7, 8, 9], 10)  # top-k 1 is greedy
+
+
+@pytest.mark.parametrize("req, message", [
+    (Request([], 5), "empty"),
+    (Request([1, 2], 0), "max_tokens"),
+    (Request([1] * 60, 70), "positions but a slot holds 128"),
+    (Request([1, 99999], 5), "outside"),
+    (Request([1], 5, SlotSampling(do_sample=True, temperature=float("nan"))), "temperature"),
+    (Request([1], 5, SlotSampling(top_p=0.0)), "top_p"),
+    (Request([1], 5, SlotSampling(top_k=-1)), "top_k"),
+    (Request([1], 5, SlotSampling(repetition_penalty=0.0)), "repetition_penalty"),
+    (Request([1], 5, banned=np.ones(32667, bool)), "bans every token"),
+])
+def test_bad_requests_are_refused_before_running(lm, req, message):
+    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2)
+    with pytest.raises(ServeError, match=message):
+        engine.submit(req)
+    assert engine.queue_depth == 0
+
+
+def test_prefix_cache_hash_chain_and_eviction():
+    import jax.numpy as jnp
+
+    cache = PrefixCache(block=4, budget_bytes=2 * 4 * 16 * 4)  # room for two 16-token entries of 4 fp32 each
+    make = lambda L: {"k": jnp.zeros((1, L, 4), jnp.float32)}  # noqa: E731
+    a, b, c = list(range(1, 17)), list(range(1, 9)) + [50] * 8, [60] * 16
+    for ids in (a, b):
+        entry, n = cache.lookup(ids)
+        cache.store(ids, n, make, lambda n: n)
+    assert cache.lookup(b + [7])[1] == 16
+    assert cache.lookup(list(range(1, 11)))[1] == 8  # a shared leading run of two blocks (held by a and b)
+    assert cache.lookup(a + [7])[1] == 16  # a is now the most recently used
+    cache.lookup(c)
+    cache.store(c, 0, make, lambda n: n)  # over budget: evicts the least recently used entry, b
+    assert len(cache.entries) == 2
+    assert cache.lookup(b + [7])[1] == 8  # b's own blocks are gone; the two it shared with a are still served
+    assert cache.lookup(a + [7])[1] == 16 and cache.lookup(c + [1])[1] == 16
+    assert cache.nbytes <= cache.budget
