@@ -64,6 +64,7 @@ class Request:
     # filled in by the engine
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    first_audio_at: float | None = None  # set by the server when audio leaves
     cached_tokens: int = 0
     n_generated: int = 0
     finish_reason: str | None = None

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("spiritlm_jax.train.prepare_cli", "prepare a training corpus (Apache Beam / TFDS ArrayRecord)"),
     "train": ("spiritlm_jax.train.cli", "train or fine-tune Spirit LM"),
     "eval": ("spiritlm_jax.evaluation.cli", "evaluation harness"),
+    "serve": ("spiritlm_jax.serve.cli", "OpenAI-compatible speech+text HTTP server (continuous batching, streaming)"),
 }
 
 
