@@ -153,7 +153,6 @@ class Service:
                 queue.put_nowait, (i, "finish", reason, err)))(i)
         for r in jobs:
             self.engine.submit(r)
-            self.metrics.submitted(r)
 
     async def events(self, jobs: list[Request], http: HttpRequest):
         """Submit ``jobs`` and yield their events until all finished; a client disconnect cancels them."""
@@ -167,7 +166,6 @@ class Service:
                 ev = await queue.get()
                 if ev[1] == "finish":
                     open_jobs -= 1
-                    self.metrics.finished(jobs[ev[0]], ev[2])
                     if ev[3] is not None:
                         log.error("request failed: %s: %s", type(ev[3]).__name__, ev[3])
                 yield ev
@@ -425,7 +423,7 @@ async def _completions(service: Service, body: CompletionRequest, http: HttpRequ
         if logs[i] is not None and tok_id != service.engine.eos_id:
             logs[i].add(tok_id, lp, top_ids, top_lp, body.logprobs, offset)
         if streams[i].stopped:
-            jobs[i].cancel()
+            jobs[i].stop()
         return delta
 
     def reason(i, r):
@@ -623,7 +621,7 @@ async def _transcriptions(service: Service, http: HttpRequest):
         if ev[1] == "token" and not stream.stopped:
             stream.push(ev[2])
             if stream.stopped:
-                job.cancel()
+                job.stop()
         elif ev[1] == "finish" and ev[2] == "error":
             raise HttpError(500, f"transcription failed: {ev[3]}", "server_error")
     text = stream.text.lstrip(" ").split("\n")[0].strip()  # as the eval harness's ASR

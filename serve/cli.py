@@ -124,12 +124,12 @@ def build_service(args):
         raise CliError(f"--max-len must be ≥ 2, got {args.max_len}")
     if args.audio_chunk_frames < 1:
         raise CliError(f"--audio-chunk-frames must be ≥ 1, got {args.audio_chunk_frames}")
+    mesh = parse_mesh(args.mesh)
     checkpoints = args.checkpoints
     if args.demo:
         from spiritlm_jax.tiny_checkpoints import ensure_tiny_checkpoints
 
         checkpoints = str(ensure_tiny_checkpoints(log=lambda m: print(m, file=sys.stderr))[0])
-    mesh = parse_mesh(args.mesh)
     try:
         lm = SpiritLM.from_pretrained(args.model, checkpoints=checkpoints, dtype=args.dtype, mesh=mesh,
                                       with_speech=not args.no_speech)
@@ -186,8 +186,25 @@ def run(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=60)
     server = uvicorn.Server(config)
+    _exit_quietly_after_drain()
     e = service.engine
     print(f"serving {service.options.model_name!r} on http://{args.host}:{args.port} ({e.slots} slots × {e.max_len} "
           f"positions{', auth on' if args.api_key else ''})", file=sys.stderr, flush=True)
     server.run()
     return 0
+
+
+def _exit_quietly_after_drain() -> None:
+    """uvicorn drains on SIGTERM/SIGINT and then re-raises the signal; these handlers turn that re-raise
+    into a clean exit (0 for SIGTERM, a service manager's normal stop; 130 for Ctrl-C) without a traceback."""
+    import signal
+
+    def leave(code):
+        def handler(signum, frame):
+            print("stopped: requests in flight were drained", file=sys.stderr, flush=True)
+            raise SystemExit(code)
+
+        return handler
+
+    signal.signal(signal.SIGTERM, leave(0))
+    signal.signal(signal.SIGINT, leave(130))

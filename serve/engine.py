@@ -69,9 +69,15 @@ class Request:
     n_generated: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
+    stop_requested: bool = False
 
     def cancel(self) -> None:
+        """End the request (client gone): its slot frees at the next engine step; reason "cancelled"."""
         self.cancelled = True
+
+    def stop(self) -> None:
+        """End the request because its output is complete (a stop string): reason "stop"."""
+        self.stop_requested = self.cancelled = True
 
 
 # ------------------------------------------------------------------------------------------ cache layout
@@ -241,6 +247,7 @@ class Engine:
         self.tokens_total = 0
         self.prefill_tokens_total = 0
         self.finished = collections.Counter()
+        self.observer = None  # gets first_token(req) and finished(req, reason) on the engine thread (metrics)
 
     # ---------------------------------------------------------------------------------- device state
     def _shard(self, x, *names):
@@ -366,7 +373,7 @@ class Engine:
         """One scheduler iteration: drop cancelled requests, fill free slots, one decode step."""
         for s in self._slots:
             if s.request is not None and s.request.cancelled:
-                self._finish(s, "cancelled")
+                self._finish(s, "stop" if s.request.stop_requested else "cancelled")
         while True:
             free = next((i for i, s in enumerate(self._slots) if s.request is None), None)
             with self._lock:
@@ -374,7 +381,7 @@ class Engine:
                     break
                 req = self._queue.popleft()
             if req.cancelled:
-                self._report_finish(req, "cancelled")
+                self._report_finish(req, "stop" if req.stop_requested else "cancelled")
                 continue
             try:
                 self._insert(free, req)
@@ -435,6 +442,8 @@ class Engine:
         self.tokens_total += 1
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
+            if self.observer is not None:
+                self.observer.first_token(req)
         h["token"][i] = token
         h["counter"][i] += 1
         stop = False
@@ -449,7 +458,7 @@ class Engine:
         elif req.n_generated >= req.max_tokens:
             self._finish(slot, "length")
         elif req.cancelled:
-            self._finish(slot, "cancelled")
+            self._finish(slot, "stop" if req.stop_requested else "cancelled")
 
     def _finish(self, slot: _Slot, reason: str, error: Exception | None = None) -> None:
         req = slot.request
@@ -464,6 +473,8 @@ class Engine:
     def _report_finish(self, req: Request, reason: str, error: Exception | None = None) -> None:
         req.finish_reason = reason
         self.finished[reason] += 1
+        if self.observer is not None:
+            self.observer.finished(req, reason)
         if req.on_finish is not None:
             try:
                 req.on_finish(reason, error)

@@ -17,6 +17,7 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.window_s = window_s
         self._samples: collections.deque = collections.deque()
+        engine.observer = self
         Gauge("spiritlm_queue_depth", "requests waiting for a slot", registry=r).set_function(
             lambda: engine.queue_depth)
         Gauge("spiritlm_active_slots", "decode slots in use", registry=r).set_function(lambda: engine.active_slots)
@@ -44,17 +45,17 @@ class Metrics:
         t0, n0 = self._samples[0]
         return (self.engine.tokens_total - n0) / (now - t0) if now > t0 else 0.0
 
-    def submitted(self, req) -> None:
-        self._rate()
+    # called by the engine thread (prometheus_client is thread-safe)
+    def first_token(self, req) -> None:
+        self.ttft.observe(req.first_token_at - req.submitted)
 
     def finished(self, req, reason: str) -> None:
         self.requests.labels(reason).inc()
         self.generated.inc(req.n_generated)
-        self.prefix_lookups.inc()
-        if req.cached_tokens:
-            self.prefix_hits.inc()
-        if req.first_token_at is not None:
-            self.ttft.observe(req.first_token_at - req.submitted)
+        if req.first_token_at is not None:  # a request that was prefilled looked the prefix cache up
+            self.prefix_lookups.inc()
+            if req.cached_tokens:
+                self.prefix_hits.inc()
 
     def first_audio(self, req) -> None:
         if req.first_audio_at is None:

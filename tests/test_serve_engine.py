@@ -7,7 +7,7 @@ from spiritlm_jax.infer.engine import SamplingConfig, generate
 from spiritlm_jax.serve.engine import Engine, PrefixCache, Request, ServeError, SlotSampling
 
 
-SLOTS, MAX_LEN = 3, 128
+SLOTS, MAX_LEN = 4, 256  # as in test_serve_http: the compiled programs are shared
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +55,16 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
                      SlotSampling(do_sample=True, temperature=1.3, top_p=0.8, repetition_penalty=1.2, seed=i))
              for i in range(4)]
     cancelled = Request([1, 5, 6], 100, SlotSampling(do_sample=True, seed=9))
+    failing = Request([1, 8, 9], 50)  # its consumer raises: it fails alone, the others go on
     schedule = [(int(s), r) for s, r in zip(rng.integers(0, 40, size=len(greedy) + len(noise)), greedy + noise)]
-    schedule.append((3, cancelled))
+    schedule += [(3, cancelled), (5, failing)]
     cancelled.on_token = lambda t, *a: cancelled.n_generated >= 5 and cancelled.cancel()
+    failing.on_token = lambda t, *a: 1 / 0 if failing.n_generated >= 3 else False
     got = _collect(engine, schedule)
     for prompt, want, have in zip(greedy_prompts, expected, got):
         assert have == want, f"prompt of {len(prompt)} tokens: engine {have} != offline {want}"
     assert cancelled.finish_reason == "cancelled" and cancelled.n_generated < 100
+    assert failing.finish_reason == "error" and failing.n_generated == 3
     assert engine.prefix.hits >= 1 and engine.prefix.hit_tokens >= 16  # the shared prefix was reused
     assert engine.active_slots == 0 and engine.queue_depth == 0
 
@@ -83,7 +86,7 @@ def test_sampling_stream_is_per_slot(lm):
 @pytest.mark.parametrize("req, message", [
     (Request([], 5), "empty"),
     (Request([1, 2], 0), "max_tokens"),
-    (Request([1] * 60, 70), "positions but a slot holds 128"),
+    (Request([1] * 200, 70), "positions but a slot holds 256"),
     (Request([1, 99999], 5), "outside"),
     (Request([1], 5, SlotSampling(do_sample=True, temperature=float("nan"))), "temperature"),
     (Request([1], 5, SlotSampling(top_p=0.0)), "top_p"),
