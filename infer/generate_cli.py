@@ -51,11 +51,18 @@ def run(args) -> int:
     import soundfile as sf
 
     from spiritlm_jax.infer.engine import GenerationError
+    from spiritlm_jax.outputs import OutputPathError, check_output_dir
     from spiritlm_jax.prompting import PromptError
     from spiritlm_jax.spiritlm import SpiritLM
 
     if not args.inputs and args.prompt is None:
         print("error: give inputs with --speech/--text or a --prompt", file=sys.stderr)
+        return 2
+    try:
+        if args.output_modality != "text":  # speech may come out: --out must be usable before the model loads
+            check_output_dir(args.out, "--out")
+    except OutputPathError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         lm = SpiritLM.from_pretrained(args.model, checkpoints=args.checkpoints, dtype=args.dtype)

@@ -19,6 +19,9 @@ Deliberate differences (documented, with the original behaviour behind ``strict_
   F0 contour. ``strict_original=True`` raises :class:`UnvoicedAudioError` instead.
 * an Expressive string without any ``[Pi]`` or an empty speech string: a clear error (the original crashes
   deep inside the vocoder).
+* an input shorter than 1280 samples (80 ms, the encoder's receptive field): :class:`ShortAudioError` (the
+  original returns empty units, which then vanish from a prompt without a word). A longer input whose LAST
+  100 s chunk is under 1280 samples loses that tail, as in the original.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ from .units import BASE_FORMAT, EXPRESSIVE_FORMAT, UnitStringError, UnitStringFo
 
 MAX_WAV_CHUNK = 100 * 16_000
 MIN_WAV_CHUNK = 1280
+
+
+class ShortAudioError(AudioError):
+    """An input shorter than the encoder's receptive field (1280 samples = 80 ms): it has no unit at all."""
 
 
 class UnvoicedAudioError(AudioError):
@@ -109,8 +116,15 @@ class SpeechTokenizer:
         strict = self.strict_original if strict_original is None else strict_original
         loaded = [self._load(a, sample_rate, channel_id) for a in audios]
         chunks, owner = [], []
-        for i, (wav, _) in enumerate(loaded):
-            for c in self._chunks(wav):
+        for i, (wav, path) in enumerate(loaded):
+            kept = self._chunks(wav)
+            if not kept and not strict:
+                raise ShortAudioError(
+                    f"{path or f'audio input {i}'}: {len(wav)} samples ({len(wav) / 16000 * 1000:.0f} ms at 16 kHz) is "
+                    f"shorter than the {self.min_wav_chunk} samples ({self.min_wav_chunk / 16:.0f} ms) the speech "
+                    f"encoder needs for one unit, so it would give no units at all (the original silently returns "
+                    f"an empty string; strict_original=True does the same). Give at least {self.min_wav_chunk} samples.")
+            for c in kept:
                 chunks.append(c)
                 owner.append(i)
         keys = ["hubert"] + (["pitch"] if self.pitch is not None else []) + (["style"] if self.style is not None else [])
