@@ -27,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from spiritlm_jax.cli import positive_int
+
 TASKS = ("swuggy", "sblimp", "pairs", "storycloze", "topic-storycloze", "mmlu", "stsp", "asr", "tts", "intent")
 
 
@@ -54,7 +56,7 @@ def add_arguments(p):
                    help="likelihood score: token-normalised mean (default) or sum of log-probs")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget (asr 200, tts 300; stsp: the original's 50 text / 300 speech)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per scoring/generation call (>= 1)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-lowercase", action="store_true", help="asr/tts: keep transcripts' case in prompts")

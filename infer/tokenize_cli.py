@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from spiritlm_jax.cli import positive_int
+
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
 
 
@@ -31,7 +33,7 @@ def add_arguments(p):
                    help="base: HuBERT units; expressive: HuBERT + pitch + style units")
     p.add_argument("--f0-backbone", choices=("fcpe", "pyaapt"), default="fcpe", help="pitch extractor (expressive)")
     p.add_argument("--out", default="-", help="output JSONL file (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=8, help="files per batched call")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="files per batched call (>= 1)")
     p.add_argument("--no-string", action="store_true", help="omit the interleaved unit string")
     p.add_argument("--keep-going", action="store_true",
                    help="exit 0 when some (not all) files failed; they are still listed in the summary and JSONL")

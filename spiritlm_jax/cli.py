@@ -26,6 +26,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (batch sizes, files per call): an integer >= 1, else a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser. Only ``command``'s module is imported (to add its arguments), so ``--help``
     is instant and one subcommand's missing optional dependency cannot break the others."""

@@ -199,3 +199,17 @@ def test_expressive_units_and_times(golden_dir):
     assert np.array_equal(u["pitch_start"], 1280 * np.arange(len(u["pitch"])))
     assert np.array_equal(u["style_start"], 16000 * np.arange(len(u["style"])))
     assert u["style_end"][-1] == len(wav)
+
+
+def test_every_input_skipped_is_one_error_with_the_skip_summary(tmp_path, capsys):
+    # Before: a Beam/TFDS traceback ("generated examples is 0 for split text") and no summary.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "blank.txt").write_text("  \n")
+    (tmp_path / "in" / "empty.txt").write_text("")
+    rc = cli_main(["prepare", "--text", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--name", "e",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "error: every one of the 2 input(s) of the 'text' split was skipped" in err
+    assert "empty_text: 2" in err and "blank: no text" in err  # the skip summary, by reason, with examples
+    assert not (tmp_path / "out" / "spiritlm_corpus" / "e" / "1.0.0").exists()  # no dataset that looks made

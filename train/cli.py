@@ -98,7 +98,7 @@ def train(cfg) -> int:
     from .trainer import Trainer, TrainingDivergedError, TrainingError, write_loss_curve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").addFilter(_drop_background_tracebacks)
+    logging.getLogger("absl").addFilter(drop_logged_tracebacks)
     if cfg.distributed:
         initialize_distributed()
     ckdir = Path(cfg.checkpoint.dir)
@@ -141,7 +141,7 @@ def train(cfg) -> int:
     return 0
 
 
-def _drop_background_tracebacks(record) -> bool:
+def drop_logged_tracebacks(record) -> bool:
     """orbax logs a failed asynchronous save from its background threads with full tracebacks; the
     checkpointer turns that same failure into one clear error (CheckpointSaveError), so drop the noise."""
     return not (record.levelname == "ERROR" and record.exc_info)

@@ -681,6 +681,23 @@ def _beam_classes():
     return _BEAM
 
 
+def _all_skipped_message(split: str, work: str, items: dict, discovery_skips: Sequence[dict]) -> str:
+    """A split whose every input was skipped: TFDS refuses to write it; say why, with the skip summary."""
+    per_split = {}
+    for s in items:
+        try:
+            per_split[s] = json.loads(read_bytes(f"{work}/stats-{s}.json").decode("utf-8"))
+        except OSError:
+            continue
+    if discovery_skips:
+        extra = merge_stats(_skip_stats(d["id"], d["reason"], d["message"]) for d in discovery_skips)
+        per_split["aligned"] = merge_stats([per_split.get("aligned") or _empty_stats(), extra])
+    summary = format_summary(per_split) if per_split else "(no statistics were written)"
+    return (f"every one of the {len(items.get(split, []))} input(s) of the {split!r} split was skipped, so there is "
+            f"nothing to write (TFDS refuses an empty split) and no dataset was created. Fix or remove those "
+            f"inputs; the reasons:\n{summary}")
+
+
 def build_dataset(items: dict[str, list[dict]], data_dir: str, name: str, options: PrepareOptions, *,
                   beam_args: Sequence[str] = (), discovery_skips: Sequence[dict] = (), overwrite: bool = False):
     """Write the manifests, run the Beam pipeline through TFDS, merge the statistics.
@@ -724,7 +741,13 @@ def build_dataset(items: dict[str, list[dict]], data_dir: str, name: str, option
         import shutil
 
         shutil.rmtree(str(builder.data_dir))
-    builder.download_and_prepare(download_config=dl)
+    try:
+        builder.download_and_prepare(download_config=dl)
+    except Exception as e:  # Beam wraps the worker's error in its own types; TFDS's text names the split
+        empty = re.search(r"generated examples is 0 for split (\w+)", str(e))
+        if empty is None:
+            raise
+        raise PrepareError(_all_skipped_message(empty.group(1), work, items, discovery_skips)) from None
     per_split = {}
     for s in splits:
         try:

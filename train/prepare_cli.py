@@ -20,13 +20,16 @@ through TFDS: the DirectRunner in this process by default; pass Beam flags after
 
 Output: OUTPUT/spiritlm_corpus/NAME/1.0.0 (splits text, speech, aligned) and summary.json beside it.
 Bad inputs (unreadable audio, alignments that do not match the transcript or lie outside the audio,
-empty transcripts, ...) are skipped and counted by reason in the summary. See docs/data.md.
+empty transcripts, ...) are skipped and counted by reason in the summary. A split whose every input is
+skipped is an error (exit 2) that prints that summary; no dataset is written. See docs/data.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from spiritlm_jax.cli import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,8 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--expressive", action="store_true", help="also extract pitch and style units")
     t.add_argument("--pitch-backbone", choices=("fcpe", "pyaapt"), default="fcpe")
     t.add_argument("--fcpe-path", help="FCPE weights (default: the ones bundled with torchfcpe 0.0.4)")
-    t.add_argument("--batch-files", type=int, default=16, help="audio files per tokenizer call (default 16)")
-    t.add_argument("--max-batch-samples", type=int, default=1_600_000,
+    t.add_argument("--batch-files", type=positive_int, default=16, help="audio files per tokenizer call (default 16)")
+    t.add_argument("--max-batch-samples", type=positive_int, default=1_600_000,
                    help="audio samples per padded device batch (default 1.6M = 100 s)")
     t.add_argument("--duration-tolerance", type=float, default=0.05,
                    help="seconds a word may end past the audio's end before the file is skipped (default 0.05)")
@@ -62,7 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from spiritlm_jax.train import prepare
+    from spiritlm_jax.train.cli import drop_logged_tracebacks
+
+    # Beam logs a failing transform with its traceback before re-raising; build_dataset turns the failures
+    # users cause (every input skipped) into one PrepareError with the skip summary.
+    logging.getLogger("apache_beam.runners.common").addFilter(drop_logged_tracebacks)
 
     try:
         items, skipped = prepare.discover(text=args.text, audio=args.audio, aligned=args.aligned,
