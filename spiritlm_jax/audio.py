@@ -111,7 +111,10 @@ def _first_line(e: BaseException) -> str:
 def _as_array(x: Any) -> np.ndarray:
     """numpy / jax / torch / lists → a float32 numpy array (integer PCM scaled as torchaudio does)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if getattr(x, "is_floating_point", lambda: False)():
+            x = x.float()  # bfloat16 / float16 tensors have no numpy dtype
+        x = x.numpy()
     try:
         a = np.asarray(x)
     except Exception as e:

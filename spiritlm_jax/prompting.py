@@ -234,6 +234,9 @@ def _as_inputs(interleaved_inputs) -> list[GenerationInput]:
     if interleaved_inputs is None:
         raise PromptError("interleaved_inputs is None: give a list of GenerationInput or (content_type, content)")
     items = interleaved_inputs if isinstance(interleaved_inputs, list) else [interleaved_inputs]
+    if not items:
+        raise PromptError("interleaved_inputs is an empty list: give at least one GenerationInput or "
+                          "(content_type, content) tuple, or a ready prompt string with prompt=")
     out = []
     for it in items:
         if isinstance(it, GenerationInput):

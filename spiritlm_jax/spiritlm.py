@@ -9,11 +9,19 @@
                              max_new_tokens=100)                     # ONE engine call for every prompt
 
 Behaviour follows the original wrapper (REFERENCE §9): prompt building with ``[Speech]``/``[Text]``
-markers, the output-modality ban lists (SPEECH bans all text ids, so speech never stops before
-``max_new_tokens``), HF ``GenerationConfig`` defaults (greedy unless ``do_sample``; ``top_k=50``;
-``max_length=20`` total tokens when ``max_new_tokens`` is not given), output = decode(prompt + new
-ids)[len(prompt):].strip(), parsed into text and speech chunks with the 25-unit rule and the
-prompt-ratio trimming. Sampling draws from the same distributions but not the same random stream as torch.
+markers, the output-modality ban lists passed as HF ``bad_words_ids`` (SPEECH bans all text ids except
+EOS, which transformers drops from any bad-words list), HF ``GenerationConfig`` defaults (greedy unless
+``do_sample``; ``top_k=50``; 20 new tokens when neither ``max_new_tokens`` nor ``max_length`` is given, as
+transformers does and the original's recorded calls show),
+output = decode(prompt + new ids)[len(prompt):].strip(), parsed into text and speech chunks with the
+25-unit rule and the prompt-ratio trimming. Sampling draws from the same distributions but not the same
+random stream as torch.
+
+Generation options: a ``transformers.GenerationConfig`` (read by attribute; transformers is never
+imported), a dict, or keywords — every option of ``infer/hf_config.SUPPORTED`` (repetition_penalty,
+min_new_tokens, no_repeat_ngram_size, eos_token_id lists, bad_words_ids, stop_strings,
+num_return_sequences, ...); anything else is a clear ``GenerationError``. Without ``seed=``, see
+:func:`default_seed` (``transformers.set_seed(n)`` before a call reproduces it).
 
 Fixed original bugs (documented): a model PATH gets a speech tokenizer too (the original silently has
 none); an empty speech chunk, or Expressive speech without ``[Pi]``, raises ``SpeechDecodeError`` (a
@@ -35,14 +43,23 @@ from .prompting import ContentType, GenerationInput, GenerationOutput, OutputMod
 from .speech import SpeechTokenizer, _variant, checkpoints_root
 from .text import TextTokenizer
 
-GENERATION_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "max_length"}
-HF_DEFAULT_MAX_LENGTH = 20
-
-
 def default_dtype() -> str:
     import jax
 
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def default_seed() -> int:
+    """The seed of a call without ``seed=``. When torch is imported, one draw from torch's default
+    generator: ``transformers.set_seed(n)`` before a call then reproduces its output, and successive calls
+    differ, as the original's scripts rely on (a seed taken from ``torch.initial_seed()`` would repeat the
+    same sample on every call). Without torch: fresh OS entropy. torch is never imported here."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "randint"):
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int.from_bytes(os.urandom(4), "little")
 
 
 class SpiritLM:
@@ -111,25 +128,27 @@ class SpiritLM:
         return cls(cfg, params, tok, speech, variant, mesh=mesh)
 
     # ------------------------------------------------------------------------------ generation
-    def _sampling(self, n_prompt: int, generation_config: dict | None, kwargs: dict):
-        from .infer.engine import GenerationError, SamplingConfig
+    def _sampling(self, n_prompt: int, generation_config, kwargs: dict):
+        """``generation_config`` (a transformers ``GenerationConfig``, read by attribute; a dict; or None)
+        overridden by keyword options, as the original's ``_overwrite_generation_config``."""
+        from .infer.hf_config import read_generation_config, sampling_config
 
-        gc = dict(generation_config or {})
-        gc.update(kwargs)
-        unknown = set(gc) - GENERATION_KEYS
-        if unknown:
-            raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; supported: {sorted(GENERATION_KEYS)}")
-        if gc.get("max_new_tokens") is None:
-            max_length = gc.get("max_length", HF_DEFAULT_MAX_LENGTH)
-            if n_prompt >= max_length:
-                raise GenerationError(
-                    f"the prompt has {n_prompt} tokens but no max_new_tokens was given, so the HF default "
-                    f"max_length={max_length} (prompt + new tokens) leaves no room; pass max_new_tokens=N")
-            gc["max_new_tokens"] = max_length - n_prompt
-        gc.pop("max_length", None)
-        return SamplingConfig(do_sample=bool(gc.get("do_sample", False)), temperature=float(gc.get("temperature", 1.0)),
-                              top_k=int(gc.get("top_k", 50)), top_p=float(gc.get("top_p", 1.0)),
-                              max_new_tokens=int(gc["max_new_tokens"]))
+        options = read_generation_config(generation_config)
+        options.update(kwargs)
+        return sampling_config(options, n_prompt, context=self.cfg.max_position_embeddings)
+
+    def token_texts(self) -> list[str]:
+        """Each token id's text as it reads inside a sentence (HF ``StopStringCriteria``'s view of the
+        vocabulary: the token decoded after a fixed prefix); computed once, for ``stop_strings``."""
+        if getattr(self, "_token_texts", None) is None:
+            base = self.tokenizer.encode("abcdef", add_bos=False)
+            head = self.tokenizer.decode(base, skip_special_tokens=False)
+            texts = []
+            for t in range(len(self.tokenizer)):
+                full = self.tokenizer.decode(base + [t], skip_special_tokens=False)
+                texts.append(full[len(head):] if full.startswith(head) else full)
+            self._token_texts = texts
+        return self._token_texts
 
     def build_prompt(self, interleaved_inputs, output_modality) -> str:
         return prompting.build_prompt(interleaved_inputs, output_modality, encode_speech=self._encode_speech)
@@ -152,6 +171,9 @@ class SpiritLM:
 
         return decode
 
+    def _decode_output(self, full: str, prompt: str, modality, decode_speech):
+        return prompting.decode_generated_output(full, prompt, modality, decode_speech)
+
     def generate_batch(self, batch_inputs: Sequence[Any] | None = None, *, prompts: Sequence[str] | None = None,
                        output_modality: Any = OutputModality.ARBITRARY, generation_config: dict | None = None,
                        force_tokens_to_output_modality: bool = True, speaker_id: int = 2, return_prompt: bool = False,
@@ -162,6 +184,8 @@ class SpiritLM:
         ``prompts``: ready token strings. ``output_modality``: one for all, or one per prompt.
         Returns a list of output lists (and of prompts with ``return_prompt``; and the new token ids per
         row with ``return_ids``). ``decode=False`` skips text/speech decoding and returns the ids alone.
+        With ``num_return_sequences=N`` each prompt's entry is a list of N output lists (the original
+        silently decodes only the first).
         """
         from .infer.engine import generate as engine_generate
 
@@ -179,16 +203,25 @@ class SpiritLM:
         ids = [self.tokenizer.encode(p) for p in prompts]
         sampling = self._sampling(max(map(len, ids)), generation_config, kwargs)
         banned = np.stack([self._banned(m, force_tokens_to_output_modality) for m in mods])
-        seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
+        # the original passes the modality ban list as HF bad_words_ids, from which transformers drops
+        # every EOS id (NoBadWordsLogitsProcessor): EOS stays reachable, also in SPEECH mode
+        eos_ids = list(sampling.eos_token_id or [self.tokenizer.vocab.eos_id])
+        banned[:, [e for e in eos_ids if e < banned.shape[1]]] = False
+        seed = default_seed() if seed is None else int(seed)
         new_ids, _ = engine_generate(self.cfg, self.params, ids, sampling, banned, seed=seed, mesh=self.mesh,
-                                     eos_id=self.tokenizer.vocab.eos_id)
+                                     eos_id=self.tokenizer.vocab.eos_id,
+                                     token_texts=self.token_texts if sampling.stop_strings else None)
+        n_seq = sampling.num_return_sequences
+        owner = [i for i in range(n) for _ in range(n_seq)]
         if not decode:
             return new_ids
         decode_speech = self._decode_speech(speaker_id)
-        results = []
-        for p, pid, nid, m in zip(prompts, ids, new_ids, mods):
-            full = self.tokenizer.decode(pid + nid)
-            results.append(prompting.decode_generated_output(full, p, m, decode_speech))
+        decoded = []
+        for i, nid in zip(owner, new_ids):
+            full = self.tokenizer.decode(ids[i] + nid)
+            decoded.append(self._decode_output(full, prompts[i], mods[i], decode_speech))
+        # num_return_sequences > 1: each prompt gets the list of its N output lists
+        results = decoded if n_seq == 1 else [decoded[i * n_seq:(i + 1) * n_seq] for i in range(n)]
         out = (results, prompts) if return_prompt else results
         return (out, new_ids) if return_ids else out
 
@@ -198,7 +231,7 @@ class SpiritLM:
                  seed: int | None = None, **kwargs):
         """The original ``Spiritlm.generate``: returns a list of ``GenerationOutput(content, content_type)``
         (text: str; speech: float32 16 kHz waveform), and the prompt too with ``return_prompt``."""
-        if prompt is not None and interleaved_inputs is not None:
+        if prompt is not None and interleaved_inputs:
             import warnings
 
             warnings.warn("both prompt and interleaved_inputs given: interleaved_inputs is ignored (as the original)")

@@ -67,10 +67,17 @@ def test_prompt_longer_than_context_is_a_clear_error(base_lm):
     n = base_lm.cfg.max_position_embeddings
     with pytest.raises(GenerationError, match="context"):
         base_lm.generate(prompt="[Text]" + "hello " * n, output_modality="text", max_new_tokens=5)
-    with pytest.raises(GenerationError, match="max_new_tokens"):
-        base_lm.generate(prompt="[Text]" + "hello " * 30, output_modality="text")  # HF's max_length=20 default
-    with pytest.raises(TypeError, match="unknown generation argument"):
+    # transformers' default without max_new_tokens / max_length: 20 NEW tokens whatever the prompt length
+    ids = base_lm.generate_batch(prompts=["[Text]" + "hello " * 30], output_modality="text", decode=False)
+    assert len(ids[0]) == 20 or ids[0][-1] == base_lm.tokenizer.vocab.eos_id
+    with pytest.raises(GenerationError, match=r"max_length=10 \(prompt \+ new tokens\) leaves no room"):
+        base_lm.generate(prompt="[Text]" + "hello " * 30, output_modality="text", max_length=10)
+    with pytest.raises(GenerationError, match="beam search is not implemented"):
         base_lm.generate(prompt="[Text]hi", max_new_tokens=3, num_beams=4)
+    with pytest.raises(GenerationError, match=r"unsupported generation option\(s\) \['typical_p'\]"):
+        base_lm.generate(prompt="[Text]hi", max_new_tokens=3, typical_p=0.5)
+    with pytest.raises(prompting.PromptError, match="interleaved_inputs is an empty list"):
+        base_lm.generate(interleaved_inputs=[], max_new_tokens=3)
 
 
 def test_garbage_unit_strings_are_clear_errors(base_lm):

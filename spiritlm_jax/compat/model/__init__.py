@@ -1,0 +1,1 @@
+"""``spiritlm.model`` of the original (see :mod:`spiritlm_jax.compat`)."""
