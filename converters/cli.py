@@ -1,12 +1,14 @@
 """Convert original PyTorch checkpoints to spiritlm-jax's format (orbax params + config).
 
 Kinds:
-  all ROOT DST    a whole original checkpoints/ tree: each LM variant present is converted to our orbax
-                  format, every speech component is loaded through our converters (proving it converts)
-                  and copied beside it, and with torch + transformers installed the converted LM is
-                  checked against transformers' LlamaForCausalLM on a short prompt (--no-self-check to
-                  skip; skipped automatically above --self-check-max-gb). DST then works as
-                  --checkpoints for every other command.
+  all ROOT DST    a whole original checkpoints/ tree → the JAX-native model tree (docs/model-format.md):
+                  every speech component as config.json + model.safetensors, the FCPE weights from the
+                  installed torchfcpe wheel, each LM as an orbax checkpoint. The whole source is
+                  validated first (components present, each vocoder in its own slot, tokenizer files,
+                  every key/shape/finite tensor), then written into a temporary folder renamed to DST
+                  at the end. The converted LM is checked against transformers' LlamaForCausalLM on a
+                  short prompt (--no-self-check to skip; skipped above --self-check-max-gb). DST then
+                  works as --checkpoints for every command, with torch absent.
   llama SRC DST   an HF Llama directory (config.json + pytorch_model.bin | sharded .bin + index |
                   model.safetensors | sharded safetensors + index), e.g.
                   checkpoints/spiritlm_model/spirit-lm-base-7b
@@ -40,11 +42,13 @@ def add_arguments(p):
     ap = sub.add_parser("all", help="a whole original checkpoints/ tree (every component of each variant)")
     ap.add_argument("src", help="the original checkpoints/ folder (speech_tokenizer/, spiritlm_model/)")
     ap.add_argument("dst", help="output folder, same layout")
-    ap.add_argument("--variant", choices=("base", "expressive", "both"), default="both")
+    ap.add_argument("--variant", choices=("base", "expressive", "both"), default="both",
+                    help="which model(s) to convert; every component they need must be present")
     ap.add_argument("--layout", choices=("scan", "unrolled"), default="scan")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     ap.add_argument("--allow-pickle-class", action="append", default=[], metavar="MODULE.CLASS")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace DST (only after the new tree is complete)")
     ap.add_argument("--no-self-check", action="store_true", help="skip the transformers comparison of the LM")
     ap.add_argument("--self-check-max-gb", type=float, default=4.0,
                     help="skip the LM self-check when its weights exceed this size (it loads transformers' model)")
@@ -53,6 +57,7 @@ def add_arguments(p):
 def run(args) -> int:
     from .torch_io import CheckpointError
     from spiritlm_jax.config import ConfigError
+    from spiritlm_jax.model_dir import ModelDirError
 
     t0 = time.perf_counter()
     try:
@@ -63,37 +68,11 @@ def run(args) -> int:
 
             out = convert_llama(args.src, args.dst, scan_layers=args.layout == "scan", dtype=args.dtype,
                                 allow_classes=args.allow_pickle_class, overwrite=args.overwrite, progress=True)
-    except (CheckpointError, ConfigError, FileExistsError) as e:
+    except (CheckpointError, ConfigError, FileExistsError, ModelDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"converted {args.src} -> {out} in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-SPEECH_COMPONENTS = {
-    "base": ("hubert_25hz", "hifigan_spiritlm_base"),
-    "expressive": ("hubert_25hz", "vqvae_f0_quantizer", "style_encoder_w2v2", "hifigan_spiritlm_expressive_w2v2"),
-}
-
-
-def _check_speech(folder, name: str) -> None:
-    """Load one original speech component through our converter (raises with a clear error if it cannot)."""
-    if name == "hubert_25hz":
-        from spiritlm_jax.hubert_tokenizer import HubertTokenizer
-
-        HubertTokenizer.from_checkpoint_dir(folder)
-    elif name == "vqvae_f0_quantizer":
-        from .f0_vqvae import load_f0_vqvae
-
-        load_f0_vqvae(folder)
-    elif name == "style_encoder_w2v2":
-        from .style import convert_style
-
-        convert_style(folder)
-    else:
-        from .hifigan import load_hifigan
-
-        load_hifigan(folder)
 
 
 def _self_check(src_dir, conv_dir) -> str:
@@ -125,51 +104,27 @@ def _self_check(src_dir, conv_dir) -> str:
 
 
 def convert_tree(args) -> int:
-    import shutil
     from pathlib import Path
 
-    from .llama import convert_llama
+    from .tree import LM_FOLDER, SPEECH_FOLDER, convert_all
 
-    src, dst = Path(args.src), Path(args.dst)
-    if not (src / "spiritlm_model").is_dir() and not (src / "speech_tokenizer").is_dir():
-        print(f"error: {src} is not an original checkpoints/ folder (no spiritlm_model/ or speech_tokenizer/)",
-              file=sys.stderr)
+    src = Path(args.src)
+    if not (src / LM_FOLDER).is_dir() and not (src / SPEECH_FOLDER).is_dir():
+        print(f"error: {src} is not an original checkpoints/ folder (no {LM_FOLDER}/ or {SPEECH_FOLDER}/)", file=sys.stderr)
         return 2
     variants = ("base", "expressive") if args.variant == "both" else (args.variant,)
-    done_speech = set()
-    for v in variants:
-        lm_src = src / "spiritlm_model" / f"spirit-lm-{v}-7b"
-        if not lm_src.is_dir():
-            if args.variant != "both":
-                print(f"error: {lm_src} not found", file=sys.stderr)
-                return 2
-            print(f"- {v}: no LM in {lm_src.parent}, skipped")
-            continue
-        lm_dst = dst / "spiritlm_model" / lm_src.name
-        print(f"- {v}: converting the LM {lm_src} -> {lm_dst}")
-        convert_llama(lm_src, lm_dst, scan_layers=args.layout == "scan", dtype=args.dtype,
-                      allow_classes=args.allow_pickle_class, overwrite=args.overwrite, progress=True)
+    max_bytes = args.self_check_max_gb * 1e9
+
+    def self_check(lm_src, lm_dst) -> str:
         if args.no_self_check:
-            print("  self-check: skipped (--no-self-check)")
-        else:
-            size = sum(f.stat().st_size for f in lm_src.iterdir() if f.suffix in (".bin", ".safetensors"))
-            if size > args.self_check_max_gb * 1e9:
-                print(f"  self-check: skipped ({size / 1e9:.1f} GB > --self-check-max-gb {args.self_check_max_gb})")
-            else:
-                print(f"  self-check: {_self_check(lm_src, lm_dst)}")
-        for name in SPEECH_COMPONENTS[v]:
-            if name in done_speech:
-                continue
-            folder = src / "speech_tokenizer" / name
-            if not folder.is_dir():
-                print(f"error: {folder} not found: the {v} variant needs it", file=sys.stderr)
-                return 2
-            _check_speech(folder, name)
-            out = dst / "speech_tokenizer" / name
-            if out.exists() and args.overwrite:
-                shutil.rmtree(out)
-            shutil.copytree(folder, out, dirs_exist_ok=False)
-            done_speech.add(name)
-            print(f"  {name}: loads through our converter; copied")
-    print(f"done: use --checkpoints {dst}")
+            return "skipped (--no-self-check)"
+        size = sum(f.stat().st_size for f in lm_src.iterdir() if f.suffix in (".bin", ".safetensors"))
+        if size > max_bytes:
+            return f"skipped ({size / 1e9:.1f} GB > --self-check-max-gb {args.self_check_max_gb})"
+        return _self_check(lm_src, lm_dst)
+
+    out = convert_all(args.src, args.dst, variants=variants, scan_layers=args.layout == "scan", dtype=args.dtype,
+                      allow_classes=args.allow_pickle_class, overwrite=args.overwrite, self_check=self_check,
+                      log=lambda m: print(m, flush=True))
+    print(f"done: use --checkpoints {out} (every command reads it without torch)")
     return 0

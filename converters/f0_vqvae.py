@@ -27,7 +27,9 @@ from typing import Iterable
 
 import numpy as np
 
-from spiritlm_jax.converters.torch_io import CheckpointError, check_keys, check_shape, to_numpy, torch_load
+from spiritlm_jax.converters.schema import Row, import_state_dict
+from spiritlm_jax.converters.torch_io import CheckpointError, to_numpy, torch_load
+from spiritlm_jax.converters.transforms import CONV1D, CONV_T1D, COPY_F32
 from spiritlm_jax.models.f0_vqvae import ConvStackConfig, F0VQVAEConfig, VQVAEConfigError
 
 
@@ -49,20 +51,20 @@ def read_config(path: str | os.PathLike) -> F0VQVAEConfig:
         raise CheckpointError(str(e)) from None
 
 
-def _table(cfg: F0VQVAEConfig):
-    """(param path, torch key, kind, torch shape)."""
-    rows = []
+def vqvae_rows(cfg: F0VQVAEConfig) -> list[Row]:
+    """The schema: (param path, torch key, shape, transform) for every tensor (module docstring)."""
+    rows: list[Row] = []
+    kinds = {"conv": CONV1D, "convT": CONV_T1D, "copy": COPY_F32}
+
+    def add(path, key, kind, shape):
+        rows.append(Row.one(path, key, shape, kinds[kind]))
 
     def res_rows(prefix_t, prefix_j, c: ConvStackConfig, width):
-        out = []
         for j in range(c.depth):
-            out += [
-                (prefix_j + (f"block_{j}_conv3", "kernel"), f"{prefix_t}.model.{j}.model.1.weight", "conv", (c.n_state, width, 3)),
-                (prefix_j + (f"block_{j}_conv3", "bias"), f"{prefix_t}.model.{j}.model.1.bias", "copy", (c.n_state,)),
-                (prefix_j + (f"block_{j}_conv1", "kernel"), f"{prefix_t}.model.{j}.model.3.weight", "conv", (width, c.n_state, 1)),
-                (prefix_j + (f"block_{j}_conv1", "bias"), f"{prefix_t}.model.{j}.model.3.bias", "copy", (width,)),
-            ]
-        return out
+            add(prefix_j + (f"block_{j}_conv3", "kernel"), f"{prefix_t}.model.{j}.model.1.weight", "conv", (c.n_state, width, 3))
+            add(prefix_j + (f"block_{j}_conv3", "bias"), f"{prefix_t}.model.{j}.model.1.bias", "copy", (c.n_state,))
+            add(prefix_j + (f"block_{j}_conv1", "kernel"), f"{prefix_t}.model.{j}.model.3.weight", "conv", (width, c.n_state, 1))
+            add(prefix_j + (f"block_{j}_conv1", "bias"), f"{prefix_t}.model.{j}.model.3.bias", "copy", (width,))
 
     e = cfg.encoder
     for l in range(e.levels):
@@ -70,51 +72,37 @@ def _table(cfg: F0VQVAEConfig):
         for i in range(D):
             cin = (e.input_emb_width if l == 0 else e.output_emb_width) if i == 0 else e.width
             t = f"encoder.level_blocks.{l}.model.{i}"
-            rows += [(("encoder", f"level{l}_down{i}", "kernel"), f"{t}.0.weight", "conv", (e.width, cin, 2 * s)),
-                     (("encoder", f"level{l}_down{i}", "bias"), f"{t}.0.bias", "copy", (e.width,))]
-            rows += res_rows(f"{t}.1", ("encoder", f"level{l}_res{i}"), e, e.width)
+            add(("encoder", f"level{l}_down{i}", "kernel"), f"{t}.0.weight", "conv", (e.width, cin, 2 * s))
+            add(("encoder", f"level{l}_down{i}", "bias"), f"{t}.0.bias", "copy", (e.width,))
+            res_rows(f"{t}.1", ("encoder", f"level{l}_res{i}"), e, e.width)
         t = f"encoder.level_blocks.{l}.model.{D}"
-        rows += [(("encoder", f"level{l}_out", "kernel"), f"{t}.weight", "conv", (e.output_emb_width, e.width, 3)),
-                 (("encoder", f"level{l}_out", "bias"), f"{t}.bias", "copy", (e.output_emb_width,))]
+        add(("encoder", f"level{l}_out", "kernel"), f"{t}.weight", "conv", (e.output_emb_width, e.width, 3))
+        add(("encoder", f"level{l}_out", "bias"), f"{t}.bias", "copy", (e.output_emb_width,))
     d = cfg.decoder
     for l in range(d.levels):
         D, s = d.downs_t[l], d.strides_t[l]
         t = f"decoder.level_blocks.{l}.model"
-        rows += [(("decoder", f"level{l}_in", "kernel"), f"{t}.0.weight", "conv", (d.width, d.output_emb_width, 3)),
-                 (("decoder", f"level{l}_in", "bias"), f"{t}.0.bias", "copy", (d.width,))]
+        add(("decoder", f"level{l}_in", "kernel"), f"{t}.0.weight", "conv", (d.width, d.output_emb_width, 3))
+        add(("decoder", f"level{l}_in", "bias"), f"{t}.0.bias", "copy", (d.width,))
         for i in range(D):
             cout = d.output_emb_width if i == D - 1 else d.width
-            rows += res_rows(f"{t}.{1 + i}.0", ("decoder", f"level{l}_res{i}"), d, d.width)
-            rows += [(("decoder", f"level{l}_up{i}", "kernel"), f"{t}.{1 + i}.1.weight", "convT", (d.width, cout, 2 * s)),
-                     (("decoder", f"level{l}_up{i}", "bias"), f"{t}.{1 + i}.1.bias", "copy", (cout,))]
-    rows += [(("decoder", "out", "kernel"), "decoder.out.weight", "conv", (d.input_emb_width, d.output_emb_width, 3)),
-             (("decoder", "out", "bias"), "decoder.out.bias", "copy", (d.input_emb_width,))]
+            res_rows(f"{t}.{1 + i}.0", ("decoder", f"level{l}_res{i}"), d, d.width)
+            add(("decoder", f"level{l}_up{i}", "kernel"), f"{t}.{1 + i}.1.weight", "convT", (d.width, cout, 2 * s))
+            add(("decoder", f"level{l}_up{i}", "bias"), f"{t}.{1 + i}.1.bias", "copy", (cout,))
+    add(("decoder", "out", "kernel"), "decoder.out.weight", "conv", (d.input_emb_width, d.output_emb_width, 3))
+    add(("decoder", "out", "bias"), "decoder.out.bias", "copy", (d.input_emb_width,))
+    for l in range(cfg.vq_levels):
+        add(("codebook", f"#{l}"), f"vq.level_blocks.{l}.k", "copy", (cfg.l_bins, cfg.emb_width))
     return rows
 
 
+def _table(cfg: F0VQVAEConfig):
+    """(param path, torch key, kind, torch shape) of the conv layers (for writers of random checkpoints)."""
+    return [(r.path, r.keys[0], r.transform.name, r.shapes[0]) for r in vqvae_rows(cfg) if r.path[0] != "codebook"]
+
+
 def convert_state_dict(sd: dict[str, np.ndarray], cfg: F0VQVAEConfig, where: str = "VQ-VAE checkpoint"):
-    table = _table(cfg)
-    cb_keys = [f"vq.level_blocks.{l}.k" for l in range(cfg.vq_levels)]
-    check_keys(sd.keys(), [k for _, k, _, _ in table] + cb_keys, where=where)
-    params: dict = {}
-    for path, key, kind, shape in table:
-        a = np.asarray(sd[key], dtype=np.float32)
-        check_shape(key, a, shape, where=where)
-        if kind == "conv":
-            a = a.transpose(2, 1, 0)
-        elif kind == "convT":
-            a = a.transpose(2, 0, 1)
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = np.ascontiguousarray(a)
-    cbs = []
-    for k in cb_keys:
-        a = np.asarray(sd[k], np.float32)
-        check_shape(k, a, (cfg.l_bins, cfg.emb_width), where=where)
-        cbs.append(a)
-    params["codebook"] = cbs
-    return params
+    return import_state_dict(vqvae_rows(cfg), sd, where=where)
 
 
 def load_f0_vqvae(path: str | os.PathLike, allow_classes: Iterable[str] = ()):

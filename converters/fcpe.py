@@ -5,8 +5,9 @@ with ``torch.load(weights_only=True)`` (no class needs allowing). Only the file 
 package is never imported (it imports torchaudio, which must stay out of the environment), so
 :func:`find_bundled_weights` locates the file through the installed package's metadata.
 
-Transforms: Conv1d weights (out, in/groups, k) → (k, in/groups, out); the weight-normed output Linear
-is folded ``w = v · (g / ‖v‖₂)`` row-wise (torch's ``_weight_norm`` with dim 0) and transposed.
+Transforms (``converters/transforms.py``): Conv1d weights (out, in/groups, k) → (k, in/groups, out); the
+weight-normed output Linear is folded ``w = g · v / ‖v‖₂`` row-wise (torch's ``_weight_norm`` with dim 0,
+in float64) and laid out as a k=1 conv kernel.
 Unused by the conv-only network and deliberately dropped: each layer's ``norm`` (attention is
 disabled) and ``gaussian_blurred_cent_mask`` (training only). ``cent_table`` is kept as stored.
 """
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spiritlm_jax.converters.torch_io import CheckpointError, check_keys, check_shape, to_numpy, torch_load
+from spiritlm_jax.converters.schema import Row, import_state_dict
+from spiritlm_jax.converters.torch_io import CheckpointError, to_numpy, torch_load
+from spiritlm_jax.converters.transforms import CONV1D, COPY_F32, LINEAR_AS_CONV, weight_norm
 from spiritlm_jax.models.fcpe import FCPEConfig, frontend_constants
 
 BUNDLED_RELPATH = ("assets", "fcpe_c_v001.pt")
@@ -42,65 +45,49 @@ def find_bundled_weights() -> Path:
                           f"{'/'.join(BUNDLED_RELPATH)}; reinstall torchfcpe==0.0.4")
 
 
-def _table(cfg: FCPEConfig):
-    """(our param path, torch key, kind, expected torch shape)."""
+def fcpe_rows(cfg: FCPEConfig) -> list[Row]:
+    """The schema: (our param path under ``net``, torch key, shape, transform), plus the cent table."""
     H, M, D = cfg.hidden_dims, cfg.n_mels, cfg.out_dims
     inner = H * cfg.expansion
     rows = [
-        (("input_conv0", "kernel"), "input_stack.0.weight", "conv", (H, M, 3)),
-        (("input_conv0", "bias"), "input_stack.0.bias", "copy", (H,)),
-        (("input_norm", "scale"), "input_stack.1.weight", "copy", (H,)),
-        (("input_norm", "bias"), "input_stack.1.bias", "copy", (H,)),
-        (("input_conv1", "kernel"), "input_stack.3.weight", "conv", (H, H, 3)),
-        (("input_conv1", "bias"), "input_stack.3.bias", "copy", (H,)),
+        Row.one(("net", "input_conv0", "kernel"), "input_stack.0.weight", (H, M, 3), CONV1D),
+        Row.one(("net", "input_conv0", "bias"), "input_stack.0.bias", (H,), COPY_F32),
+        Row.one(("net", "input_norm", "scale"), "input_stack.1.weight", (H,), COPY_F32),
+        Row.one(("net", "input_norm", "bias"), "input_stack.1.bias", (H,), COPY_F32),
+        Row.one(("net", "input_conv1", "kernel"), "input_stack.3.weight", (H, H, 3), CONV1D),
+        Row.one(("net", "input_conv1", "bias"), "input_stack.3.bias", (H,), COPY_F32),
     ]
     for i in range(cfg.n_layers):
         t = f"net.encoder_layers.{i}.conformer.net"
         L = f"layers_{i}"
         rows += [
-            ((L, "norm", "scale"), f"{t}.0.weight", "copy", (H,)),
-            ((L, "norm", "bias"), f"{t}.0.bias", "copy", (H,)),
-            ((L, "pw1", "kernel"), f"{t}.2.weight", "conv", (2 * inner, H, 1)),
-            ((L, "pw1", "bias"), f"{t}.2.bias", "copy", (2 * inner,)),
-            ((L, "dw", "kernel"), f"{t}.4.conv.weight", "conv", (inner, 1, cfg.dw_kernel)),
-            ((L, "dw", "bias"), f"{t}.4.conv.bias", "copy", (inner,)),
-            ((L, "pw2", "kernel"), f"{t}.6.weight", "conv", (H, inner, 1)),
-            ((L, "pw2", "bias"), f"{t}.6.bias", "copy", (H,)),
+            Row.one(("net", L, "norm", "scale"), f"{t}.0.weight", (H,), COPY_F32),
+            Row.one(("net", L, "norm", "bias"), f"{t}.0.bias", (H,), COPY_F32),
+            Row.one(("net", L, "pw1", "kernel"), f"{t}.2.weight", (2 * inner, H, 1), CONV1D),
+            Row.one(("net", L, "pw1", "bias"), f"{t}.2.bias", (2 * inner,), COPY_F32),
+            Row.one(("net", L, "dw", "kernel"), f"{t}.4.conv.weight", (inner, 1, cfg.dw_kernel), CONV1D),
+            Row.one(("net", L, "dw", "bias"), f"{t}.4.conv.bias", (inner,), COPY_F32),
+            Row.one(("net", L, "pw2", "kernel"), f"{t}.6.weight", (H, inner, 1), CONV1D),
+            Row.one(("net", L, "pw2", "bias"), f"{t}.6.bias", (H,), COPY_F32),
         ]
     rows += [
-        (("norm", "scale"), "norm.weight", "copy", (H,)),
-        (("norm", "bias"), "norm.bias", "copy", (H,)),
-        (("output_proj", "bias"), "output_proj.bias", "copy", (D,)),
+        Row.one(("net", "norm", "scale"), "norm.weight", (H,), COPY_F32),
+        Row.one(("net", "norm", "bias"), "norm.bias", (H,), COPY_F32),
+        # the weight-normed output Linear (torch._weight_norm(v, g, dim=0)), as a k=1 conv kernel (1, H, D)
+        Row(("net", "output_proj", "kernel"), ("output_proj.weight_g", "output_proj.weight_v"), ((D, 1), (D, H)),
+            weight_norm(LINEAR_AS_CONV, dim=0)),
+        Row.one(("net", "output_proj", "bias"), "output_proj.bias", (D,), COPY_F32),
+        Row.one(("cent_table",), "cent_table", (D,), COPY_F32),
     ]
     return rows
 
 
-def convert_state_dict(sd: dict[str, np.ndarray], cfg: FCPEConfig, where: str = "FCPE checkpoint"):
-    """numpy state dict → (params {"net": ...}, cent_table)."""
-    table = _table(cfg)
-    D, H = cfg.out_dims, cfg.hidden_dims
-    expected = [k for _, k, _, _ in table] + ["output_proj.weight_g", "output_proj.weight_v", "cent_table"]
-    check_keys(sd.keys(), expected, where=where, ignore=IGNORED)
-    net: dict = {}
-    for path, key, kind, shape in table:
-        a = np.asarray(sd[key], dtype=np.float32)
-        check_shape(key, a, shape, where=where)
-        if kind == "conv":
-            a = np.ascontiguousarray(a.transpose(2, 1, 0))
-        d = net
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = a
-    g = np.asarray(sd["output_proj.weight_g"], np.float32)
-    v = np.asarray(sd["output_proj.weight_v"], np.float32)
-    check_shape("output_proj.weight_g", g, (D, 1), where=where)
-    check_shape("output_proj.weight_v", v, (D, H), where=where)
-    norm = np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=1, keepdims=True)).astype(np.float32)
-    w = v * (g / norm)  # torch._weight_norm(v, g, dim=0)
-    net["output_proj"]["kernel"] = np.ascontiguousarray(w.T[None])  # (1, H, D)
-    cent = np.asarray(sd["cent_table"], np.float32)
-    check_shape("cent_table", cent, (D,), where=where)
-    return {"net": net}, cent
+def convert_state_dict(sd: dict[str, np.ndarray], cfg: FCPEConfig, where: str = "FCPE checkpoint", *,
+                       keep_unused: bool = False):
+    """numpy state dict → (params {"net": ...}, cent_table) (plus ``original_only`` with ``keep_unused``)."""
+    tree = import_state_dict(fcpe_rows(cfg), sd, where=where, unused=IGNORED, keep_unused=keep_unused)
+    cent = tree.pop("cent_table")
+    return tree, cent
 
 
 def torch_hann_window(cfg: FCPEConfig) -> np.ndarray:

@@ -3,12 +3,12 @@ the golden-set parity runner for ``hifigan_*`` case files.
 
 A checkpoint directory holds ``config.json``, ``generator.pt`` (``{'generator': state_dict}`` with
 ``weight_g``/``weight_v`` pairs for every weight-normed conv), ``speakers.txt`` and (Base only)
-``styles.txt``. Weight norm is folded once here: ``w = g · v / ‖v‖`` with the norm over every axis
-but axis 0 of ``v``; for ConvTranspose1d axis 0 is the INPUT channel (torch stores its weight as
-(C_in, C_out, k)), for Conv1d the output channel.
+``styles.txt``. Weight norm is folded once (``transforms.weight_norm``): ``w = g · v / ‖v‖`` with the norm
+over every axis but axis 0 of ``v``; for ConvTranspose1d axis 0 is the INPUT channel (torch stores its
+weight as (C_in, C_out, k)), for Conv1d the output channel.
 
-The conversion is a table: (our path, original key, transform) checked line by line; missing or
-unexpected keys and shape mismatches raise ``CheckpointError``.
+The conversion is one schema table (``conversion_table``) read by the generic importer/exporter of
+``converters/schema.py``; missing or unexpected keys and shape mismatches raise ``CheckpointError``.
 """
 from __future__ import annotations
 
@@ -16,64 +16,38 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from spiritlm_jax.converters.torch_io import CheckpointError, check_keys, check_shape, to_numpy, torch_load
+from spiritlm_jax.converters.schema import Row, import_state_dict
+from spiritlm_jax.converters.torch_io import CheckpointError, to_numpy, torch_load
+from spiritlm_jax.converters.transforms import CONV1D, CONV_T1D, COPY_F32, LINEAR_F32, weight_norm
 from spiritlm_jax.models.hifigan import HifiGANConfig, HifiGANConfigError
+from spiritlm_jax.vocoder import read_names
 
 GENERATOR_FILE = "generator.pt"
 CONFIG_FILE = "config.json"
 
 
 # -------------------------------------------------------------------------------------------------
-# transforms
+# the table (transforms: converters/transforms.py; the generic importer/exporter: converters/schema.py)
 
 
-def _fold(g: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Weight-norm folding w = g · v / ‖v‖ (norm over all axes but 0), in float64, cast to float32."""
-    v64 = v.astype(np.float64)
-    norm = np.sqrt(np.sum(v64 * v64, axis=tuple(range(1, v.ndim)), keepdims=True))
-    return (g.astype(np.float64) * v64 / norm).astype(np.float32)
-
-
-def _conv_kernel(w: np.ndarray) -> np.ndarray:
-    """torch Conv1d weight (out, in, k) → ours (k, in, out)."""
-    return np.ascontiguousarray(w.transpose(2, 1, 0))
-
-
-def _convT_kernel(w: np.ndarray) -> np.ndarray:
-    """torch ConvTranspose1d weight (in, out, k) → ours (k, in, out)."""
-    return np.ascontiguousarray(w.transpose(2, 0, 1))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    path: tuple[str, ...]  # where the array goes in our params dict
-    keys: tuple[str, ...]  # original keys it is built from
-    shapes: tuple[tuple[int, ...], ...]  # their expected shapes (from the config)
-    fn: Callable[..., np.ndarray]
-
-
-def conversion_table(cfg: HifiGANConfig) -> list[_Entry]:
-    """Every (our param, original keys, transform) of a vocoder with this config."""
+def conversion_table(cfg: HifiGANConfig) -> list[Row]:
+    """Every (our param, original keys, shapes, transform) of a vocoder with this config. Weight norm
+    dim 0: per output channel of a Conv1d, per INPUT channel of a ConvTranspose1d (torch stores its
+    weight as (C_in, C_out, k))."""
     e = cfg.embedding_dim
-    t: list[_Entry] = []
+    t: list[Row] = []
 
     def emb(ours, key, rows):
-        t.append(_Entry((ours, "embedding"), (key,), ((rows, e),), lambda w: w.astype(np.float32)))
+        t.append(Row.one((ours, "embedding"), key, (rows, e), COPY_F32))
 
-    def wn_conv(ours, key, cout, cin, k):
-        t.append(_Entry(ours + ("kernel",), (f"{key}.weight_g", f"{key}.weight_v"),
-                        ((cout, 1, 1), (cout, cin, k)), lambda g, v: _conv_kernel(_fold(g, v))))
-        t.append(_Entry(ours + ("bias",), (f"{key}.bias",), ((cout,),), lambda b: b.astype(np.float32)))
-
-    def wn_convT(ours, key, cin, cout, k):
-        # weight norm dim 0 of a ConvTranspose1d weight (in, out, k) = per INPUT channel
-        t.append(_Entry(ours + ("kernel",), (f"{key}.weight_g", f"{key}.weight_v"),
-                        ((cin, 1, 1), (cin, cout, k)), lambda g, v: _convT_kernel(_fold(g, v))))
-        t.append(_Entry(ours + ("bias",), (f"{key}.bias",), ((cout,),), lambda b: b.astype(np.float32)))
+    def wn(ours, key, v_shape, inner, cout):
+        t.append(Row(ours + ("kernel",), (f"{key}.weight_g", f"{key}.weight_v"),
+                     ((v_shape[0], 1, 1), v_shape), weight_norm(inner, dim=0)))
+        t.append(Row.one(ours + ("bias",), f"{key}.bias", (cout,), COPY_F32))
 
     emb("dict", "dict.weight", cfg.num_embeddings)
     if cfg.num_f0_tokens:
@@ -87,31 +61,26 @@ def conversion_table(cfg: HifiGANConfig) -> list[_Entry]:
     if cfg.has_dur_predictor:
         h, k = cfg.dur_hidden, cfg.dur_kernel
         for name, cin in (("conv1", e), ("conv2", h)):
-            t.append(_Entry(("dur_predictor", name, "kernel"), (f"dur_predictor.{name}.0.weight",),
-                            ((h, cin, k),), _conv_kernel))
-            t.append(_Entry(("dur_predictor", name, "bias"), (f"dur_predictor.{name}.0.bias",), ((h,),),
-                            lambda b: b.astype(np.float32)))
+            t.append(Row.one(("dur_predictor", name, "kernel"), f"dur_predictor.{name}.0.weight", (h, cin, k), CONV1D))
+            t.append(Row.one(("dur_predictor", name, "bias"), f"dur_predictor.{name}.0.bias", (h,), COPY_F32))
         for name in ("ln1", "ln2"):
-            t.append(_Entry(("dur_predictor", name, "scale"), (f"dur_predictor.{name}.weight",), ((h,),),
-                            lambda w: w.astype(np.float32)))
-            t.append(_Entry(("dur_predictor", name, "bias"), (f"dur_predictor.{name}.bias",), ((h,),),
-                            lambda w: w.astype(np.float32)))
-        t.append(_Entry(("dur_predictor", "proj", "kernel"), ("dur_predictor.proj.weight",), ((1, h),),
-                        lambda w: np.ascontiguousarray(w.T.astype(np.float32))))
-        t.append(_Entry(("dur_predictor", "proj", "bias"), ("dur_predictor.proj.bias",), ((1,),),
-                        lambda b: b.astype(np.float32)))
+            t.append(Row.one(("dur_predictor", name, "scale"), f"dur_predictor.{name}.weight", (h,), COPY_F32))
+            t.append(Row.one(("dur_predictor", name, "bias"), f"dur_predictor.{name}.bias", (h,), COPY_F32))
+        t.append(Row.one(("dur_predictor", "proj", "kernel"), "dur_predictor.proj.weight", (1, h), LINEAR_F32))
+        t.append(Row.one(("dur_predictor", "proj", "bias"), "dur_predictor.proj.bias", (1,), COPY_F32))
     c0 = cfg.upsample_initial_channel
-    wn_conv(("conv_pre",), "conv_pre", c0, cfg.model_in_dim, 7)
+    wn(("conv_pre",), "conv_pre", (c0, cfg.model_in_dim, 7), CONV1D, c0)
     nk = len(cfg.resblock_kernel_sizes)
     for i, k in enumerate(cfg.upsample_kernel_sizes):
         cin, cout = c0 // 2 ** i, cfg.channels(i)
-        wn_convT((f"ups_{i}",), f"ups.{i}", cin, cout, k)
+        wn((f"ups_{i}",), f"ups.{i}", (cin, cout, k), CONV_T1D, cout)
         for j, kk in enumerate(cfg.resblock_kernel_sizes):
             n = i * nk + j
             for m in range(3):
-                wn_conv((f"resblocks_{n}", f"convs1_{m}"), f"resblocks.{n}.convs1.{m}", cout, cout, kk)
-                wn_conv((f"resblocks_{n}", f"convs2_{m}"), f"resblocks.{n}.convs2.{m}", cout, cout, kk)
-    wn_conv(("conv_post",), "conv_post", 1, cfg.channels(len(cfg.upsample_rates) - 1), 7)
+                wn((f"resblocks_{n}", f"convs1_{m}"), f"resblocks.{n}.convs1.{m}", (cout, cout, kk), CONV1D, cout)
+                wn((f"resblocks_{n}", f"convs2_{m}"), f"resblocks.{n}.convs2.{m}", (cout, cout, kk), CONV1D, cout)
+    c_last = cfg.channels(len(cfg.upsample_rates) - 1)
+    wn(("conv_post",), "conv_post", (1, c_last, 7), CONV1D, 1)
     return t
 
 
@@ -145,26 +114,7 @@ def read_config(ckpt_dir: str | Path) -> tuple[dict, HifiGANConfig]:
 
 
 def convert_state_dict(sd: dict[str, np.ndarray], cfg: HifiGANConfig, where: str = GENERATOR_FILE) -> dict:
-    table = conversion_table(cfg)
-    check_keys(sd.keys(), [k for ent in table for k in ent.keys], where=where)
-    params: dict[str, Any] = {}
-    for ent in table:
-        arrs = []
-        for key, shape in zip(ent.keys, ent.shapes):
-            a = sd[key]
-            check_shape(key, a, shape, where=where)
-            arrs.append(np.asarray(a))
-        node = params
-        for part in ent.path[:-1]:
-            node = node.setdefault(part, {})
-        node[ent.path[-1]] = ent.fn(*arrs)
-    return params
-
-
-def _read_names(p: Path) -> list[str] | None:
-    if not p.exists():
-        return None
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    return import_state_dict(conversion_table(cfg), sd, where=where)
 
 
 def load_hifigan(ckpt_dir: str | Path) -> HifiGANCheckpoint:
@@ -179,8 +129,8 @@ def load_hifigan(ckpt_dir: str | Path) -> HifiGANCheckpoint:
                               f"state dict), got {type(obj).__name__} with keys {list(obj)[:5] if isinstance(obj, dict) else '-'}")
     sd = {k: to_numpy(v) for k, v in obj["generator"].items()}
     params = convert_state_dict(sd, cfg, where=str(d / GENERATOR_FILE))
-    speakers = _read_names(d / "speakers.txt")
-    styles = _read_names(d / "styles.txt")
+    speakers = read_names(d / "speakers.txt")
+    styles = read_names(d / "styles.txt")
     return HifiGANCheckpoint(cfg, params, speakers, styles, raw)
 
 
@@ -197,8 +147,8 @@ def write_random_original(out_dir: str | Path, raw_config: dict, seed: int = 0,
     cfg = HifiGANConfig.from_original(raw_config)
     rng = np.random.default_rng(seed)
     sd: dict[str, np.ndarray] = {}
-    for ent in conversion_table(cfg):
-        for key, shape in zip(ent.keys, ent.shapes):
+    for row in conversion_table(cfg):
+        for key, shape in zip(row.keys, row.shapes):
             if key.endswith(".weight_v"):
                 sd[key] = rng.standard_normal(shape).astype(np.float32)
             elif key.endswith(".weight_g"):
@@ -270,7 +220,8 @@ def parity_cases(gs, case: str):
             continue
         found = True
         suffix = key[len("wav_"):]
-        units: dict[str, Any] = {"hubert": z["code"]}
+        # the original was called with the unit STRING (code_str); code is the same units as an array
+        units: dict[str, Any] = {"hubert": str(z["code_str"]) if "code_str" in z else z["code"]}
         if m_b:
             spk, style, dur, nodedup = (int(g) for g in m_b.groups())
         else:
@@ -292,3 +243,5 @@ def parity_cases(gs, case: str):
         yield compare_close(case, q + "wav", wav, z[key], WAV_TOL)
     if not found:
         yield not_implemented(case, "*", "no wav_* entries this runner knows in the case file")
+    elif "code_str" in z:
+        yield compare_exact(case, "code_str == code", np.array([int(u) for u in str(z["code_str"]).split()]), z["code"])

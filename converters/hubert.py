@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from spiritlm_jax.converters import torch_io
-from spiritlm_jax.converters.torch_io import CheckpointError, check_keys, check_shape
+from spiritlm_jax.converters.schema import Row, import_state_dict
+from spiritlm_jax.converters.torch_io import CheckpointError
+from spiritlm_jax.converters.transforms import CONV1D, COPY_F32, LINEAR_F32, weight_norm
 from spiritlm_jax.models.hubert import EncoderConfigError, SpeechEncoderConfig
 
 # The Spirit LM tokenizer reads transformer layer 11 (1-based) of the 12 (REFERENCE.md §4).
@@ -28,134 +30,99 @@ SPIRITLM_HUBERT_LAYER = 11
 FAIRSEQ_IGNORED = (r"label_embs_concat", r"final_proj\.(weight|bias)", r"mask_emb")
 
 
-def _t(a: np.ndarray) -> np.ndarray:  # torch Linear (out, in) → (in, out)
-    return np.ascontiguousarray(a.T)
-
-
-def _conv(a: np.ndarray) -> np.ndarray:  # torch Conv1d (out, in/groups, k) → (k, in/groups, out)
-    return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
-
-
-def fold_weight_norm(g: np.ndarray, v: np.ndarray, dim: int) -> np.ndarray:
-    """torch weight_norm: w = g · v / ‖v‖ with the norm over every axis except ``dim``.
-    Computed in float64 and rounded once to float32."""
-    v64 = v.astype(np.float64)
-    axes = tuple(i for i in range(v.ndim) if i != dim)
-    norm = np.sqrt(np.sum(v64 * v64, axis=axes, keepdims=True))
-    return (g.astype(np.float64) * v64 / norm).astype(np.float32)
-
-
-def encoder_key_table(cfg: SpeechEncoderConfig, dialect: str) -> list[tuple[tuple[str, ...], str, Callable, tuple[int, ...]]]:
-    """(our param path, checkpoint key, transform, expected checkpoint shape) for every tensor except
-    the positional conv's weight-norm pair (handled by :func:`_pos_conv`). ``dialect``: "fairseq" or
-    "hf" (HF Wav2Vec2Model names, without the ``wav2vec2.`` prefix)."""
+def encoder_rows(cfg: SpeechEncoderConfig, dialect: str, wn_names: str = "legacy") -> list[Row]:
+    """The schema of the encoder: (our param path, checkpoint key(s), shape(s), transform) for every
+    tensor. ``dialect``: "fairseq" or "hf" (HF Wav2Vec2Model names, without the ``wav2vec2.`` prefix);
+    ``wn_names``: how the positional conv's weight-norm pair is stored ("legacy": ``weight_g``/``weight_v``,
+    "parametrizations": ``parametrizations.weight.original0/1``)."""
     fs = dialect == "fairseq"
-    rows = []
+    rows: list[Row] = []
     cin = 1
     for i, (dim, k, s) in enumerate(cfg.conv_layers):
         base = f"feature_extractor.conv_layers.{i}"
         conv_key = f"{base}.0" if fs else f"{base}.conv"
-        rows.append((("feature_extractor", f"conv_{i}"), f"{conv_key}.weight", _conv, (dim, cin, k)))
+        rows.append(Row.one(("feature_extractor", f"conv_{i}"), f"{conv_key}.weight", (dim, cin, k), CONV1D))
         if cfg.conv_bias:
-            rows.append((("feature_extractor", f"conv_{i}_bias"), f"{conv_key}.bias", np.asarray, (dim,)))
+            rows.append(Row.one(("feature_extractor", f"conv_{i}_bias"), f"{conv_key}.bias", (dim,), COPY_F32))
         if (cfg.extractor_mode == "default" and i == 0) or cfg.extractor_mode == "layer_norm":
             if fs:
                 nk = f"{base}.2" if cfg.extractor_mode == "default" else f"{base}.2.1"
             else:
                 nk = f"{base}.layer_norm"
-            rows.append((("feature_extractor", f"norm_{i}", "scale"), f"{nk}.weight", np.asarray, (dim,)))
-            rows.append((("feature_extractor", f"norm_{i}", "bias"), f"{nk}.bias", np.asarray, (dim,)))
+            rows.append(Row.one(("feature_extractor", f"norm_{i}", "scale"), f"{nk}.weight", (dim,), COPY_F32))
+            rows.append(Row.one(("feature_extractor", f"norm_{i}", "bias"), f"{nk}.bias", (dim,), COPY_F32))
         cin = dim
     C, D, F = cfg.conv_dim, cfg.embed_dim, cfg.ffn_dim
     fl = "layer_norm" if fs else "feature_projection.layer_norm"
-    rows.append((("feature_ln", "scale"), f"{fl}.weight", np.asarray, (C,)))
-    rows.append((("feature_ln", "bias"), f"{fl}.bias", np.asarray, (C,)))
+    rows.append(Row.one(("feature_ln", "scale"), f"{fl}.weight", (C,), COPY_F32))
+    rows.append(Row.one(("feature_ln", "bias"), f"{fl}.bias", (C,), COPY_F32))
     if cfg.has_projection:
         pj = "post_extract_proj" if fs else "feature_projection.projection"
-        rows.append((("proj", "kernel"), f"{pj}.weight", _t, (D, C)))
-        rows.append((("proj", "bias"), f"{pj}.bias", np.asarray, (D,)))
+        rows.append(Row.one(("proj", "kernel"), f"{pj}.weight", (D, C), LINEAR_F32))
+        rows.append(Row.one(("proj", "bias"), f"{pj}.bias", (D,), COPY_F32))
     pc = "encoder.pos_conv.0" if fs else "encoder.pos_conv_embed.conv"
-    rows.append((("pos_conv_bias",), f"{pc}.bias", np.asarray, (D,)))
+    g_key, v_key = ((f"{pc}.weight_g", f"{pc}.weight_v") if wn_names == "legacy" else
+                    (f"{pc}.parametrizations.weight.original0", f"{pc}.parametrizations.weight.original1"))
+    # weight norm over the kernel axis (dim=2), as fairseq/HF build the positional conv
+    rows.append(Row(("pos_conv_kernel",), (g_key, v_key), ((1, 1, cfg.conv_pos), (D, D // cfg.conv_pos_groups, cfg.conv_pos)),
+                    weight_norm(CONV1D, dim=2)))
+    rows.append(Row.one(("pos_conv_bias",), f"{pc}.bias", (D,), COPY_F32))
     if cfg.encoder_ln != "none":
-        rows.append((("encoder_ln", "scale"), "encoder.layer_norm.weight", np.asarray, (D,)))
-        rows.append((("encoder_ln", "bias"), "encoder.layer_norm.bias", np.asarray, (D,)))
+        rows.append(Row.one(("encoder_ln", "scale"), "encoder.layer_norm.weight", (D,), COPY_F32))
+        rows.append(Row.one(("encoder_ln", "bias"), "encoder.layer_norm.bias", (D,), COPY_F32))
     for n in range(cfg.layers_run):
         lb = f"encoder.layers.{n}"
         att = f"{lb}.self_attn" if fs else f"{lb}.attention"
         for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
-            rows.append((("layers", f"attn_{ours}_kernel", n), f"{att}.{theirs}.weight", _t, (D, D)))
-            rows.append((("layers", f"attn_{ours}_bias", n), f"{att}.{theirs}.bias", np.asarray, (D,)))
+            rows.append(Row.one(("layers", f"attn_{ours}_kernel", n), f"{att}.{theirs}.weight", (D, D), LINEAR_F32))
+            rows.append(Row.one(("layers", f"attn_{ours}_bias", n), f"{att}.{theirs}.bias", (D,), COPY_F32))
         aln = f"{lb}.self_attn_layer_norm" if fs else f"{lb}.layer_norm"
         fc1 = f"{lb}.fc1" if fs else f"{lb}.feed_forward.intermediate_dense"
         fc2 = f"{lb}.fc2" if fs else f"{lb}.feed_forward.output_dense"
         rows += [
-            (("layers", "attn_ln_scale", n), f"{aln}.weight", np.asarray, (D,)),
-            (("layers", "attn_ln_bias", n), f"{aln}.bias", np.asarray, (D,)),
-            (("layers", "fc1_kernel", n), f"{fc1}.weight", _t, (F, D)),
-            (("layers", "fc1_bias", n), f"{fc1}.bias", np.asarray, (F,)),
-            (("layers", "fc2_kernel", n), f"{fc2}.weight", _t, (D, F)),
-            (("layers", "fc2_bias", n), f"{fc2}.bias", np.asarray, (D,)),
-            (("layers", "final_ln_scale", n), f"{lb}.final_layer_norm.weight", np.asarray, (D,)),
-            (("layers", "final_ln_bias", n), f"{lb}.final_layer_norm.bias", np.asarray, (D,)),
+            Row.one(("layers", "attn_ln_scale", n), f"{aln}.weight", (D,), COPY_F32),
+            Row.one(("layers", "attn_ln_bias", n), f"{aln}.bias", (D,), COPY_F32),
+            Row.one(("layers", "fc1_kernel", n), f"{fc1}.weight", (F, D), LINEAR_F32),
+            Row.one(("layers", "fc1_bias", n), f"{fc1}.bias", (F,), COPY_F32),
+            Row.one(("layers", "fc2_kernel", n), f"{fc2}.weight", (D, F), LINEAR_F32),
+            Row.one(("layers", "fc2_bias", n), f"{fc2}.bias", (D,), COPY_F32),
+            Row.one(("layers", "final_ln_scale", n), f"{lb}.final_layer_norm.weight", (D,), COPY_F32),
+            Row.one(("layers", "final_ln_bias", n), f"{lb}.final_layer_norm.bias", (D,), COPY_F32),
         ]
     return rows
 
 
-def _pos_conv_keys(sd: Mapping[str, Any], prefix: str) -> tuple[str, str]:
-    """The weight-norm (g, v) key names: legacy ``weight_g/weight_v`` or parametrizations."""
-    legacy = (f"{prefix}.weight_g", f"{prefix}.weight_v")
-    param = (f"{prefix}.parametrizations.weight.original0", f"{prefix}.parametrizations.weight.original1")
-    if legacy[0] in sd or legacy[1] in sd:
-        return legacy
-    if param[0] in sd or param[1] in sd:
-        return param
-    return legacy  # reported as missing by check_keys
+def encoder_key_table(cfg: SpeechEncoderConfig, dialect: str) -> list[tuple[tuple, str, Any, tuple[int, ...]]]:
+    """The single-tensor rows of :func:`encoder_rows` as (path, key, transform, shape) tuples (for writers of
+    random checkpoints); the positional conv's weight-norm pair is not among them."""
+    return [(r.path, r.keys[0], r.transform, r.shapes[0]) for r in encoder_rows(cfg, dialect) if len(r.keys) == 1]
+
+
+def weight_norm_names(sd: Mapping[str, Any], prefix: str) -> str:
+    """How the positional conv's weight-norm pair is named in this state dict (legacy by default)."""
+    if f"{prefix}.parametrizations.weight.original0" in sd or f"{prefix}.parametrizations.weight.original1" in sd:
+        return "parametrizations"
+    return "legacy"
 
 
 def build_encoder_params(sd: Mapping[str, np.ndarray], cfg: SpeechEncoderConfig, dialect: str, *, where: str,
-                         ignore: Iterable[str] = ()) -> dict:
-    """State dict (numpy) → nested param dict; checks every key and shape."""
-    rows = encoder_key_table(cfg, dialect)
+                         ignore: Iterable[str] = (), keep_unused: bool = False) -> dict:
+    """State dict (numpy) → nested param dict through :func:`encoder_rows`; checks every key and shape.
+    Layers past ``cfg.layers_run`` are never run and are dropped."""
     pc = "encoder.pos_conv.0" if dialect == "fairseq" else "encoder.pos_conv_embed.conv"
-    gk, vk = _pos_conv_keys(sd, pc)
-    expected = [r[1] for r in rows] + [gk, vk]
     layer_re = re.compile(r"encoder\.layers\.(\d+)\.")
     layer_ids = {int(m.group(1)) for k in sd for m in [layer_re.match(k)] if m}
     if layer_ids and max(layer_ids) + 1 != cfg.num_layers:
         raise CheckpointError(
             f"{where}: the state dict has {max(layer_ids) + 1} transformer layers but the config says {cfg.num_layers}"
         )
-    ign = [re.compile(p) for p in ignore]
+    unused = list(ignore)
     if cfg.encoder_ln == "none":  # pre-norm with a target layer: the encoder LayerNorm is never applied
-        ign.append(re.compile(r"encoder\.layer_norm\.(weight|bias)"))
-
-    def unused_layer(k: str) -> bool:  # layers past the output layer are never run
-        m = layer_re.match(k)
-        return bool(m) and int(m.group(1)) >= cfg.layers_run
-
-    check_keys([k for k in sd if not unused_layer(k)], expected, where=where, ignore=ign)
-
-    params: dict = {}
-    stacks: dict[str, list] = {}
-    for path, key, fn, shape in rows:
-        arr = np.asarray(sd[key])
-        check_shape(key, arr, shape, where=where)
-        val = np.asarray(fn(arr), dtype=np.float32)
-        if path[0] == "layers":
-            stacks.setdefault(path[1], []).append(val)
-            continue
-        d = params
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = val
-    params["layers"] = {k: np.stack(v) for k, v in stacks.items()}
-
-    D, g, k = cfg.embed_dim, cfg.conv_pos_groups, cfg.conv_pos
-    gw, vw = np.asarray(sd[gk]), np.asarray(sd[vk])
-    check_shape(vk, vw, (D, D // g, k), where=where)
-    check_shape(gk, gw, (1, 1, k), where=where)
-    params["pos_conv_kernel"] = _conv(fold_weight_norm(gw, vw, dim=2))
-    return params
+        unused.append(r"encoder\.layer_norm\.(weight|bias)")
+    if cfg.layers_run < cfg.num_layers:  # layers past the output layer are never run
+        unused.append(r"encoder\.layers\.(" + "|".join(str(i) for i in range(cfg.layers_run, cfg.num_layers)) + r")\..*")
+    rows = encoder_rows(cfg, dialect, weight_norm_names(sd, pc))
+    return import_state_dict(rows, sd, where=where, unused=unused, keep_unused=keep_unused)
 
 
 def truncate_to_output_layer(cfg: SpeechEncoderConfig) -> SpeechEncoderConfig:
@@ -184,17 +151,26 @@ def load_hubert_checkpoint(path: str | os.PathLike, *, allow_classes: Iterable[s
 def convert_hubert(path: str | os.PathLike, output_layer: int | None = SPIRITLM_HUBERT_LAYER, *,
                    allow_classes: Iterable[str] = ()) -> tuple[SpeechEncoderConfig, dict]:
     """``mhubert_base_25hz.pt`` → (config, params). Params hold only the first ``output_layer`` layers."""
-    where = str(path)
     ck = load_hubert_checkpoint(path, allow_classes=allow_classes)
+    return convert_hubert_checkpoint(ck, str(path), output_layer)
+
+
+def hubert_config(ck: Mapping[str, Any], where: str, output_layer: int | None) -> SpeechEncoderConfig:
     try:
-        cfg = SpeechEncoderConfig.from_fairseq(ck["model_cfg"], ck.get("task_cfg") or {}, output_layer=output_layer,
-                                               has_projection=any(k.startswith("post_extract_proj.") for k in ck["model_weight"]))
+        return SpeechEncoderConfig.from_fairseq(ck["model_cfg"], ck.get("task_cfg") or {}, output_layer=output_layer,
+                                                has_projection=any(k.startswith("post_extract_proj.") for k in ck["model_weight"]))
     except EncoderConfigError as e:
         raise CheckpointError(f"{where}: {e}") from e
+
+
+def convert_hubert_checkpoint(ck: Mapping[str, Any], where: str, output_layer: int | None = SPIRITLM_HUBERT_LAYER, *,
+                              keep_unused: bool = False) -> tuple[SpeechEncoderConfig, dict]:
+    """A loaded converted-format HuBERT dict → (config, params); ``output_layer=None`` keeps every layer
+    and ``keep_unused`` the training-only tensors (under ``original_only``), for a lossless copy."""
+    cfg = hubert_config(ck, where, output_layer)
     sd = torch_io.state_dict_to_numpy(ck["model_weight"])
-    params = build_encoder_params(sd, cfg, "fairseq", where=where, ignore=FAIRSEQ_IGNORED)
-    cfg = truncate_to_output_layer(cfg)
-    return cfg, params
+    params = build_encoder_params(sd, cfg, "fairseq", where=where, ignore=FAIRSEQ_IGNORED, keep_unused=keep_unused)
+    return truncate_to_output_layer(cfg), params
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +204,8 @@ def parity_cases(gs, case: str):
             # the reference was called with the file path: load it the same way
             wav = tok.load(Path(gs.root) / "audio" / "7143-88743-0029.flac") \
                 if (Path(gs.root) / "audio" / "7143-88743-0029.flac").exists() else inputs["recording_wav"]
-            yield compare_exact(case, "loaded_wav", wav, inputs["recording_wav"])
+            ref = z["input_wav"] if z["input_wav"].size else inputs["recording_wav"]  # empty: see MANIFEST
+            yield compare_exact(case, "loaded_wav", wav, ref)
         else:
             wav = z["input_wav"]
         out = tok.encode_dense(wav, return_intermediates=True)
@@ -269,12 +246,50 @@ def _chunking_cases(gs, case, tok, z, inputs):
 
     # (2), (3) SpiritLMTokenizer.encode_units: the min/max wav-chunk rules, base and expressive, through the
     # full speech tokenizer (spiritlm_jax.speech); where the original raised, strict mode must raise too.
-    from spiritlm_jax.converters.parity_e2e import hubert_chunking_tokenizer_quantities
-
-    yield from hubert_chunking_tokenizer_quantities(gs, case, z)
+    yield from _chunking_tokenizer_quantities(gs, case, z)
 
     # (4) HubertTokenizer(max_chunk=32000): per-chunk dense features concatenated
     dense = tok.encode_dense(rec, max_chunk=32000, min_chunk=400)
     yield compare_close(case, "hubert_maxchunk32000_dense", dense[None], z["hubert_maxchunk32000_dense"], FEATURE_TOL)
     yield compare_exact(case, "hubert_maxchunk32000_units", tok.encode(rec, max_chunk=32000, min_chunk=400),
                         z["hubert_maxchunk32000_units"])
+
+
+def _chunking_tokenizer_quantities(gs, case: str, z: dict):
+    """The SpiritLMTokenizer parts of hubert_chunking.npz: min/max chunk behaviour of encode_units.
+
+    ``tok_<base|expr>_off<o>_len<n>_<key>``: encode_units(recording[o:o+n]); where the original raised
+    (``..._error``: FCPE on a chunk without a voiced frame), we run with ``strict_original=True`` and must
+    raise too. ``maxchunk29000_*``: a tokenizer with max_wav_chunk=29000, min_wav_chunk=1280.
+    """
+    from spiritlm_jax.audio import AudioError
+    from spiritlm_jax.converters.parity import compare_exact
+    from spiritlm_jax.converters.parity_e2e import _speech_tok
+    from spiritlm_jax.speech import SpeechTokenizer
+
+    rec = gs.inputs()["recording_wav"]
+    names = {"base": "base", "expr": "expressive"}
+    combos = sorted({k.rsplit("_", 1)[0] for k in z if k.startswith("tok_")})
+    for combo in combos:
+        _, short, off, ln = combo.split("_")
+        o, n = int(off[3:]), int(ln[3:])
+        tok = _speech_tok(gs, names[short])
+        err_ref = str(z.get(f"{combo}_error", ""))
+        try:
+            got, err = tok.encode_units(rec[o:o + n], strict_original=True), ""
+        except AudioError as e:  # documented refusals: UnvoicedAudioError, TokenizerInputError, AudioError
+            got, err = {}, type(e).__name__
+        yield compare_exact(case, f"{combo}: raises iff the original raised (original: {err_ref.split(':')[0] or 'none'}; "
+                                  f"ours: {err or 'none'})", np.array(bool(err)), np.array(bool(err_ref)))
+        for key in ("hubert", "pitch", "style"):
+            if f"{combo}_{key}" in z:
+                yield compare_exact(case, f"{combo}_{key}", got.get(key, ""), z[f"{combo}_{key}"])
+    for short in ("base", "expr"):
+        ks = [k for k in z if k.startswith(f"maxchunk29000_{short}_")]
+        if not ks:
+            continue
+        full = _speech_tok(gs, names[short])
+        tok = SpeechTokenizer(full.hubert, None, full.pitch, full.style, max_wav_chunk=29000, min_wav_chunk=1280)
+        u = tok.encode_units(rec)
+        for k in sorted(ks):
+            yield compare_exact(case, k, u.get(k.rsplit("_", 1)[1], ""), z[k])

@@ -11,7 +11,8 @@ Output directory (``convert_llama``)::
     params/               orbax checkpoint of the parameter pytree (dtype as stored, or --dtype)
     tokenizer.model, tokenizer_config.json, special_tokens_map.json, generation_config.json  (copied if present)
 
-The key mapping is the table ``LAYER_TABLE`` / ``GLOBAL_TABLE``: (our path, HF key, transform).
+The key mapping is the schema table ``llama_rows`` (our path, HF key, HF shape, transform with its
+inverse; ``converters/schema.py``), which ``converters/export.py`` runs backwards.
 """
 from __future__ import annotations
 
@@ -19,73 +20,58 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from spiritlm_jax.config import LlamaConfig, dtype_of
 from . import torch_io
+from .schema import Row
 from .torch_io import CheckpointError, check_keys, check_shape
+from .transforms import COPY, LINEAR, heads_in, heads_out
 
 
-# ---------------------------------------------------------------- transforms (HF torch layout → ours)
+# ---------------------------------------------------------------- the table (HF torch layout ↔ ours)
 
-def _identity(w, cfg):
-    return w
+def llama_rows(cfg: LlamaConfig) -> list[Row]:
+    """The schema: (our path, HF key, HF shape, transform) for every tensor. Layer rows carry the layer
+    index after ``layers`` (stacked on a leading axis when scanned, ``layers_<i>`` when unrolled)."""
+    E, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
+    rows = [Row.one(("embed", "embedding"), "model.embed_tokens.weight", (V, E), COPY),
+            Row.one(("final_norm", "scale"), "model.norm.weight", (E,), COPY)]
+    if not cfg.tie_word_embeddings:
+        rows.append(Row.one(("lm_head",), "lm_head.weight", (V, E), LINEAR))
+    for i in range(cfg.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        rows += [
+            Row.one(("layers", i, "attn", "q"), hf + "self_attn.q_proj.weight", (H * D, E), heads_in(H, D)),
+            Row.one(("layers", i, "attn", "k"), hf + "self_attn.k_proj.weight", (K * D, E), heads_in(K, D)),
+            Row.one(("layers", i, "attn", "v"), hf + "self_attn.v_proj.weight", (K * D, E), heads_in(K, D)),
+            Row.one(("layers", i, "attn", "o"), hf + "self_attn.o_proj.weight", (E, H * D), heads_out(H, D)),
+            Row.one(("layers", i, "mlp", "gate"), hf + "mlp.gate_proj.weight", (I, E), LINEAR),
+            Row.one(("layers", i, "mlp", "up"), hf + "mlp.up_proj.weight", (I, E), LINEAR),
+            Row.one(("layers", i, "mlp", "down"), hf + "mlp.down_proj.weight", (E, I), LINEAR),
+            Row.one(("layers", i, "attn_norm", "scale"), hf + "input_layernorm.weight", (E,), COPY),
+            Row.one(("layers", i, "mlp_norm", "scale"), hf + "post_attention_layernorm.weight", (E,), COPY),
+        ]
+    return rows
 
 
-def _transpose(w, cfg):  # nn.Linear (out, in) → kernel (in, out)
-    return w.T
-
-
-def _q_heads(w, cfg):  # (H·D, E) → (E, H, D)
-    return w.T.reshape(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim_)
-
-
-def _kv_heads(w, cfg):  # (K·D, E) → (E, K, D)
-    return w.T.reshape(cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim_)
-
-
-def _o_heads(w, cfg):  # (E, H·D) → (H, D, E)
-    return w.T.reshape(cfg.num_attention_heads, cfg.head_dim_, cfg.hidden_size)
-
-
-# (our path inside one layer, HF key with {i}, transform, HF shape from cfg)
-LAYER_TABLE: list[tuple[str, str, Callable, Callable]] = [
-    ("attn/q", "model.layers.{i}.self_attn.q_proj.weight", _q_heads,
-     lambda c: (c.num_attention_heads * c.head_dim_, c.hidden_size)),
-    ("attn/k", "model.layers.{i}.self_attn.k_proj.weight", _kv_heads,
-     lambda c: (c.num_key_value_heads * c.head_dim_, c.hidden_size)),
-    ("attn/v", "model.layers.{i}.self_attn.v_proj.weight", _kv_heads,
-     lambda c: (c.num_key_value_heads * c.head_dim_, c.hidden_size)),
-    ("attn/o", "model.layers.{i}.self_attn.o_proj.weight", _o_heads,
-     lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim_)),
-    ("mlp/gate", "model.layers.{i}.mlp.gate_proj.weight", _transpose, lambda c: (c.intermediate_size, c.hidden_size)),
-    ("mlp/up", "model.layers.{i}.mlp.up_proj.weight", _transpose, lambda c: (c.intermediate_size, c.hidden_size)),
-    ("mlp/down", "model.layers.{i}.mlp.down_proj.weight", _transpose, lambda c: (c.hidden_size, c.intermediate_size)),
-    ("attn_norm/scale", "model.layers.{i}.input_layernorm.weight", _identity, lambda c: (c.hidden_size,)),
-    ("mlp_norm/scale", "model.layers.{i}.post_attention_layernorm.weight", _identity, lambda c: (c.hidden_size,)),
-]
-GLOBAL_TABLE: list[tuple[str, str, Callable, Callable]] = [
-    ("embed/embedding", "model.embed_tokens.weight", _identity, lambda c: (c.vocab_size, c.hidden_size)),
-    ("final_norm/scale", "model.norm.weight", _identity, lambda c: (c.hidden_size,)),
-    ("lm_head", "lm_head.weight", _transpose, lambda c: (c.vocab_size, c.hidden_size)),
-]
 # Keys HF checkpoints may carry that hold no parameters.
 IGNORED_KEYS = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"]
 
 
-def expected_keys(cfg: LlamaConfig) -> dict[str, tuple]:
-    """HF key → (our path, layer index or None, transform, HF shape)."""
-    out = {}
-    for path, key, fn, shape in GLOBAL_TABLE:
-        if path == "lm_head" and cfg.tie_word_embeddings:
-            continue
-        out[key] = (path, None, fn, shape(cfg))
-    for i in range(cfg.num_hidden_layers):
-        for path, key, fn, shape in LAYER_TABLE:
-            out[key.format(i=i)] = (path, i, fn, shape(cfg))
-    return out
+def expected_keys(cfg: LlamaConfig) -> dict[str, Row]:
+    """HF key → its row."""
+    return {r.keys[0]: r for r in llama_rows(cfg)}
+
+
+def split_layer(path: tuple) -> tuple[tuple[str, ...], int | None]:
+    """("layers", i, "attn", "q") → (("attn", "q"), i); a global path → (path, None)."""
+    if len(path) > 1 and path[0] == "layers" and isinstance(path[1], int):
+        return tuple(path[2:]), path[1]
+    return tuple(path), None
 
 
 def _set(tree: dict, keys: tuple[str, ...], value) -> None:
@@ -119,11 +105,12 @@ def iter_converted(tensors: Iterable[tuple[str, np.ndarray]], cfg: LlamaConfig, 
         if key in seen:
             raise CheckpointError(f"{where}: tensor {key!r} appears twice (overlapping shards?)")
         seen.add(key)
-        path, layer, fn, shape = table[key]
-        check_shape(key, arr, shape, where=where)
-        out = fn(arr, cfg)
+        row = table[key]
+        check_shape(key, arr, row.shapes[0], where=where)
+        out = row.transform.forward(arr)
         out = np.array(out, dtype=np.dtype(dtype_of(dtype)) if dtype else out.dtype, copy=True)  # own contiguous copy
-        yield tuple(path.split("/")), layer, out
+        keys, layer = split_layer(row.path)
+        yield keys, layer, out
     check_keys(seen | set(unexpected), table.keys(), where=where, ignore=[re.compile(p) for p in IGNORED_KEYS])
 
 
@@ -269,101 +256,3 @@ def load_converted(conv_dir: str | Path, *, mesh=None, dtype: str = "float32", p
     if want_scan != stored_scan:
         params = stack_layers(params, cfg.num_hidden_layers) if want_scan else unstack_layers(params, cfg.num_hidden_layers)
     return cfg.replace(scan_layers=want_scan), params
-
-
-# ---------------------------------------------------------------- parity (golden lm_*.npz)
-
-def parity_cases(gs, case: str):
-    """lm_base.npz / lm_expressive.npz: logits and greedy decoding of the converted LM vs the original.
-
-    The wrapper-level quantities (forbidden lists, Spiritlm.generate ids, decoded speech) are checked by
-    the end-to-end runner when it is available.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from spiritlm_jax.models.llama import Llama
-    from .parity import compare_close, compare_exact
-
-    variant = case[len("lm_"):-len(".npz")]
-    model_dir = gs.checkpoints / "spiritlm_model" / f"spirit-lm-{variant}-7b"
-    z = gs.npz(case)
-
-    def build():
-        cfg, params = load_hf_params(model_dir, scan_layers=True, dtype="float32")
-        cfg = cfg.replace(dtype="float32", param_dtype="float32")
-        params = jax.tree.map(jnp.asarray, params)
-        model = Llama(cfg)
-        return cfg, params, jax.jit(lambda p, t: model.apply({"params": p}, t)[0])
-
-    cfg, params, fwd = gs.cached(f"llama:{variant}:fp32", build)
-    ids = jnp.asarray(z["input_ids"], jnp.int32)[None]
-    logits = np.asarray(fwd(params, ids)[0])
-    ref = z["logits_fp32"]
-    # Tolerance 1e-5 (the project's LM target): the golden logits are fp32 from bf16-stored weights (an
-    # exact upcast), so only fp32 summation order differs; the reference's own 1-vs-2-thread spread is
-    # 3.1e-6 and our XLA kernels measured 5.5e-6 / 6.7e-6 (set A, |logits| up to ~12).
-    LOGIT_TOL = 1e-5
-    yield compare_close(case, "logits_fp32", logits, ref, LOGIT_TOL)
-    yield compare_exact(case, "argmax_fp32_all", logits.argmax(-1), ref.argmax(-1))
-
-    # Greedy decoding with the modality ban lists, through our KV-cache engine.
-    from spiritlm_jax.infer.engine import greedy_reference_loop
-
-    for mod in ("ARBITRARY", "SPEECH", "TEXT"):
-        key = f"greedy_fp32_{mod}_ids"
-        if key not in z:
-            continue
-        banned = z[f"forbidden_{mod}"] if f"forbidden_{mod}" in z else np.zeros((0,), np.int64)
-        new_ids, step_logits = greedy_reference_loop(cfg, params, z["input_ids"], len(z[key]), banned)
-        yield compare_exact(case, key, new_ids, z[key])
-        if f"greedy_fp32_{mod}_step_logits" in z:
-            yield compare_close(case, f"greedy_fp32_{mod}_step_logits", step_logits, z[f"greedy_fp32_{mod}_step_logits"], LOGIT_TOL)
-        top2_key = f"greedy_fp32_{mod}_step_logits_chosen_top2"
-        if top2_key in z:
-            masked = step_logits.copy()
-            masked[:, banned] = -np.inf
-            chosen = masked[np.arange(len(new_ids)), new_ids]
-            masked[np.arange(len(new_ids)), new_ids] = -np.inf
-            top2 = np.stack([chosen, masked.max(-1)], -1)
-            yield compare_close(case, top2_key, top2, z[top2_key], LOGIT_TOL)
-
-    # bf16: the golden bf16 logits are a RECORD of torch's bf16 kernels, not a bit-parity target (MANIFEST).
-    # We run our own bf16 path and accept it when it is as close to the reference's bf16 logits as twice
-    # the reference's own bf16-vs-fp32 distance on the same rows (bf16 rounding of a different kernel
-    # lands within the same band). Measured on set A: ours 0.094 / 0.082 vs bounds 0.17 / 0.19.
-    if "logits_bf16_last4" in z:
-        def build_bf16():
-            c, p = load_hf_params(model_dir, scan_layers=True, dtype="bfloat16")
-            c = c.replace(dtype="bfloat16", param_dtype="bfloat16")
-            m = Llama(c)
-            return jax.tree.map(jnp.asarray, p), jax.jit(lambda p_, t: m.apply({"params": p_}, t)[0])
-
-        p16, fwd16 = gs.cached(f"llama:{variant}:bf16", build_bf16)
-        lg16 = np.asarray(fwd16(p16, ids)[0])
-        ref16 = z["logits_bf16_last4"]
-        n = ref16.shape[0]
-        band = 2.0 * float(np.abs(ref[-n:] - ref16).max())
-        yield compare_close(case, "logits_bf16_last4", lg16[-n:], ref16, band)
-        if "argmax_bf16_all" in z:
-            # Compare the bf16 argmax only where the exact fp32 top-2 margin exceeds that band: elsewhere the
-            # winner is a near-tie that bf16 rounding may flip in either implementation.
-            top2 = np.sort(ref, axis=-1)[:, -2:]
-            clear = (top2[:, 1] - top2[:, 0]) > band
-            yield compare_exact(case, f"argmax_bf16_all[{int(clear.sum())}/{len(clear)} clear-margin positions]",
-                                lg16.argmax(-1)[clear], z["argmax_bf16_all"][clear])
-
-    # Wrapper-level records (forbidden lists, Spiritlm.generate ids, decoded speech): end-to-end runner.
-    wrapper_keys = [k for k in z if k.startswith(("forbidden_", "prompt_str_", "rec_speech_", "text_to_",
-                                                   "synth_speech_", "decode_"))]
-    try:
-        from .parity_e2e import lm_npz_wrapper_quantities
-    except ImportError:
-        lm_npz_wrapper_quantities = None
-    if lm_npz_wrapper_quantities is None:
-        from .parity import not_implemented
-
-        for k in wrapper_keys:
-            yield not_implemented(case, k, "Spiritlm wrapper quantities: end-to-end runner not built yet")
-    else:
-        yield from lm_npz_wrapper_quantities(gs, case, wrapper_keys)

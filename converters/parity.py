@@ -10,7 +10,14 @@ Runners register by case-file prefix in ``RUNNERS`` as ``"module:function"`` str
 lazily, so a component that is not built yet shows up as ``not-implemented`` (which fails the run)
 rather than breaking the command. A runner has the signature ``fn(gs: GoldenSet, case: str) ->
 Iterable[Result]`` and yields one ``Result`` per quantity it checks; helpers ``compare_close`` and
-``compare_exact`` build them.
+``compare_exact`` build them. All the code that checks one case file lives in its runner's module.
+
+Every key is accounted for. ``GoldenSet.npz`` / ``GoldenSet.json`` hand out tracking views: a runner
+declares what it checks by reading it (``z[key]``, ``z.get(key)``, ``d.items()``; listing names or
+``key in z`` reads nothing). After the run, every key of every case file that no runner read is one
+``not-implemented`` result (a failure), so a new key in another golden set cannot pass unchecked. A
+runner that leaves keys to the runner of another file says so with ``gs.leave_to(case, keys, owner)``;
+if ``--only`` leaves that owner out, the table says which keys were left unchecked and why.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import numpy as np
 # (case-file prefix, "module:function"); the first matching prefix wins, so longer prefixes first.
 RUNNERS: list[tuple[str, str]] = [
     ("lm_wrapper", "spiritlm_jax.converters.parity_e2e:run_lm_wrapper"),
-    ("lm_", "spiritlm_jax.converters.llama:parity_cases"),
+    ("lm_", "spiritlm_jax.converters.parity_lm:run_lm_npz"),
     ("hubert_", "spiritlm_jax.converters.hubert:parity_cases"),
     ("quantizer_", "spiritlm_jax.converters.quantizer:parity_cases"),
     ("f0_", "spiritlm_jax.converters.f0_vqvae:parity_cases"),
@@ -71,8 +78,67 @@ class Result:
         }
 
 
+class TrackedDict(dict):
+    """A read-only view of a case file's mapping that records which keys were read (see the module doc).
+
+    Keys are recorded as dotted paths from the file (``base.wrapper_generate[].call``; list elements
+    share one ``[]`` path). Nested dicts and lists come back wrapped too."""
+
+    def __init__(self, data: dict, path: str, seen: set[str]):
+        super().__init__(data)
+        self._path, self._seen = path, seen
+
+    def _key(self, k) -> str:
+        return f"{self._path}.{k}" if self._path else str(k)
+
+    def _wrap(self, k, v):
+        return _track(v, self._key(k), self._seen)
+
+    def __getitem__(self, k):
+        v = super().__getitem__(k)
+        self._seen.add(self._key(k))
+        return self._wrap(k, v)
+
+    def get(self, k, default=None):
+        return self[k] if k in self else default
+
+    def items(self):  # reading every value (json.dumps of a dict subclass goes through items())
+        return [(k, self[k]) for k in super().keys()]
+
+    def values(self):
+        return [v for _, v in self.items()]
+
+
+class TrackedList(list):
+    def __init__(self, data: list, path: str, seen: set[str]):
+        super().__init__(_track(v, path + "[]", seen) for v in data)
+
+
+def _track(v, path: str, seen: set[str]):
+    if isinstance(v, dict) and not isinstance(v, TrackedDict):
+        return TrackedDict(v, path, seen)
+    if isinstance(v, list) and not isinstance(v, TrackedList):
+        return TrackedList(v, path, seen)
+    return v
+
+
+def key_paths(data, path: str = "") -> set[str]:
+    """Every dict key of a (JSON) structure as the dotted paths TrackedDict records."""
+    out: set[str] = set()
+    if isinstance(data, dict):
+        for k, v in data.items():
+            p = f"{path}.{k}" if path else str(k)
+            out.add(p)
+            out |= key_paths(v, p)
+    elif isinstance(data, list):
+        for v in data:
+            out |= key_paths(v, path + "[]")
+    return out
+
+
 class GoldenSet:
-    """A golden directory, with cached case files and a cache for converted models."""
+    """A golden directory, with cached case files (handed out as tracking views) and a cache for
+    converted models."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -84,23 +150,43 @@ class GoldenSet:
                 f"(the layout of ../shared/golden)"
             )
         self._npz: dict[str, Any] = {}
+        self._json: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
+        self._seen: dict[str, set[str]] = {}  # case file -> key paths read so far
+        self._left: dict[str, dict[str, str]] = {}  # case file -> {key: owner file that checks it}
 
     def case_files(self) -> list[str]:
         return sorted(p.name for p in self.cases_dir.iterdir() if p.suffix in (".npz", ".json"))
 
-    def npz(self, name: str):
+    def npz(self, name: str) -> TrackedDict:
         if not name.endswith(".npz"):
             name += ".npz"
         if name not in self._npz:
             with np.load(self.cases_dir / name, allow_pickle=False) as z:
                 self._npz[name] = {k: z[k] for k in z.files}
-        return self._npz[name]
+        return TrackedDict(self._npz[name], "", self._seen.setdefault(name, set()))
 
-    def json(self, name: str):
+    def json(self, name: str) -> TrackedDict:
         if not name.endswith(".json"):
             name += ".json"
-        return json.loads((self.cases_dir / name).read_text())
+        if name not in self._json:
+            self._json[name] = json.loads((self.cases_dir / name).read_text())
+        return _track(self._json[name], "", self._seen.setdefault(name, set()))
+
+    def leave_to(self, case: str, keys: Iterable[str], owner: str) -> None:
+        """Declare that ``keys`` of ``case`` are checked by the runner of the case file ``owner``."""
+        self._left.setdefault(case, {}).update({k: owner for k in keys})
+
+    def unread_keys(self, case: str) -> set[str]:
+        """Keys (dotted paths) of a loaded case file that no runner has read."""
+        if case.endswith(".npz"):
+            every = set(self._npz.get(case, {}))
+        else:
+            every = key_paths(self._json.get(case, {}))
+        return every - self._seen.get(case, set())
+
+    def left_to(self, case: str) -> dict[str, str]:
+        return dict(self._left.get(case, {}))
 
     def inputs(self) -> dict[str, np.ndarray]:
         return self.npz("inputs.npz")
@@ -174,6 +260,7 @@ def run_parity(golden: str | os.PathLike, only: Iterable[str] | None = None, pro
     gs = GoldenSet(golden)
     prefixes = [p for p in (only or []) if p]
     results: list[Result] = []
+    ran: list[str] = []
     for case_file in gs.case_files():
         if case_file in INPUT_FILES:
             continue
@@ -198,7 +285,31 @@ def run_parity(golden: str | os.PathLike, only: Iterable[str] | None = None, pro
             n_bad = sum(1 for r in results if r.case == case_file and not r.passed)
             print(f"  {case_file}: {'ok' if n_bad == 0 else f'{n_bad} not passing'} ({time.perf_counter() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
+        ran.append(case_file)
+    results.extend(unread_key_results(gs, ran, crashed={r.case for r in results if r.quantity == "*"}))
     return results
+
+
+def unread_key_results(gs: GoldenSet, ran: list[str], crashed: set[str] = frozenset()) -> list[Result]:
+    """One not-implemented result per case file with keys that no runner read (a crashed runner's file
+    is already a failure and is not reported twice). Keys left to a runner that ``--only`` did not
+    select are named on stderr, not counted as checked."""
+    out = []
+    for case in ran:
+        if case in crashed:
+            continue
+        unread = gs.unread_keys(case)
+        left = gs.left_to(case)
+        not_run = sorted(k for k in unread if k in left and left[k] not in ran)
+        unknown = sorted(k for k in unread if k not in left or left[k] in ran)
+        if unknown:
+            out.append(not_implemented(case, f"{len(unknown)} key(s) no runner reads",
+                                       ", ".join(unknown[:12]) + (" …" if len(unknown) > 12 else "")))
+        if not_run:  # not a result: nothing was checked; the user narrowed the run with --only
+            owners = sorted({left[k] for k in not_run})
+            print(f"note: {case}: {len(not_run)} key(s) are checked by the runner of {', '.join(owners)}, which "
+                  f"--only left out: {', '.join(not_run[:6])}{' …' if len(not_run) > 6 else ''}", file=sys.stderr)
+    return out
 
 
 def format_table(results: list[Result]) -> str:

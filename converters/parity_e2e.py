@@ -1,17 +1,18 @@
-"""Parity runners for the pure string / vocabulary / prompt logic of Spirit LM end to end.
+"""Parity runners for Spirit LM end to end: unit strings, prompt/vocabulary logic, the wrapper's
+``generate`` records and the full speech tokenizer.
 
 Registered in ``converters/parity.py`` RUNNERS:
   units_string_pairs.{json,npz} → run_units_string   model_utils*.{json,npz} → run_model_utils
   lm_wrapper.json               → run_lm_wrapper     tokenizer_*.npz         → run_tokenizer
 
-Everything that needs a network (the LM, HuBERT/F0/style encoders, the HiFi-GAN vocoder) is reported
-as ``not-implemented`` with the reason; the pure logic around it (prompts, ids, decoded strings,
-parsed outputs, unit strings and the vocoder's integer inputs) is checked exactly.
+The models are the converted ones (the LM through ``parity_lm``, speech through ``SpeechTokenizer``);
+pure logic (prompts, ids, decoded strings, parsed outputs, unit strings) is checked exactly.
 """
 from __future__ import annotations
 
 import ast
 import json
+import os
 import random
 import re
 from typing import Iterable
@@ -42,10 +43,22 @@ def _recording(gs: GoldenSet):
     return p if p.exists() else gs.inputs()["recording_wav"]
 
 
-def _raises(fn) -> str:
+def _decode_refusals() -> tuple[type[Exception], ...]:
+    """The documented errors with which we refuse a generated output the original crashed on: a bad
+    prompt/output structure, a speech chunk that cannot be vocoded, a malformed unit string."""
+    from spiritlm_jax.speech import SpeechDecodeError
+    from spiritlm_jax.units import UnitStringError
+    from spiritlm_jax.vocoder import VocoderInputError
+
+    return prompting.PromptError, SpeechDecodeError, VocoderInputError, UnitStringError
+
+
+def _raises(fn, documented: tuple[type[Exception], ...]) -> str:
+    """The name of the documented error ``fn`` raised, or "" if it returned. Any other exception is a
+    crash of ours and propagates (the case file then fails), so an unrelated bug cannot pass as a refusal."""
     try:
         fn()
-    except Exception as e:  # noqa: BLE001 - any refusal counts; its type is reported
+    except documented as e:
         return type(e).__name__
     return ""
 
@@ -146,6 +159,9 @@ def run_units_string(gs: GoldenSet, case: str) -> Iterable[Result]:
         if fn.endswith("string_to_units") and unseeded:
             q += f" [{unseeded} unseeded random styles checked up to the choice]"
         yield compare_exact(case, q, np.array(got), np.array(ref))
+    if data is not None and "MOST_COMMON_STYLES" in data:
+        yield compare_exact(case, "MOST_COMMON_STYLES", np.array(unit_strings.MOST_COMMON_STYLES),
+                            np.array(data["MOST_COMMON_STYLES"]))
     if data is not None and "style_fallback_seed0to7" in data:
         got = []
         state = random.getstate()
@@ -177,7 +193,20 @@ def run_model_utils(gs: GoldenSet, case: str) -> Iterable[Result]:
         ids = prompting.get_forbidden_tokens(**json.loads(key))
         got = {"len": len(ids), "min": min(ids) if ids else None, "max": max(ids) if ids else None}
         ref = {k: summ[k] for k in ("len", "min", "max")}
-        yield compare_exact(case, f"get_forbidden_tokens({key}) len/min/max", _dumps(got), _dumps(ref))
+        if summ.get("contiguous_ranges") is not None:  # null: the recorder stored no ranges for this call
+            got["contiguous_ranges"], ref["contiguous_ranges"] = _ranges(ids), summ["contiguous_ranges"]
+        yield compare_exact(case, f"get_forbidden_tokens({key}) {'/'.join(ref)}", _dumps(got), _dumps(ref))
+
+
+def _ranges(ids) -> list[list[int]]:
+    """Sorted ids as [first, last] runs of consecutive values (inclusive)."""
+    out: list[list[int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
 
 
 # ==================================================================================== LM wrapper
@@ -280,9 +309,6 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
                 yield compare_exact(c, f"forbidden ids {m} (lm_{variant}.npz)",
                                     np.asarray(prompting.forbidden_tokens_for(m, expressive, tok.vocab), dtype=np.int64),
                                     npz[f"forbidden_{m}"])
-        if "input_ids" in npz:
-            yield compare_exact(c, f"encode(prompt) (lm_{variant}.npz input_ids)",
-                                np.array(tok.encode(str(npz["prompt"]))), npz["input_ids"])
         speech = _recorded_speech_strings(gs, variant)
 
         # ---- built prompts: ids, and the prompt rebuilt from its inputs
@@ -331,12 +357,13 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
                                 npz[all_key][:len(prompt_ids)], prompt_ids)
             if "decoded_full" in w:
                 yield compare_exact(c, q + " decoded_full = decode(all_ids)", full, w["decoded_full"])
-                yield compare_exact(c, q + " generated_new_content", full[len(prompt):].strip(),
-                                    w["generated_new_content"])
+                # the raw slice, NOT stripped (only the user-visible TEXT output is stripped)
+                yield compare_exact(c, q + " generated_new_content", full[len(prompt):], w["generated_new_content"])
             decode = _speech_tok(gs, variant).decode  # the wrapper's default speaker_id=2
             if w.get("error"):
                 # The original crashed while decoding this output; we must refuse it too (with a clear error).
-                err = _raises(lambda: prompting.decode_generated_output(full, prompt, modality, decode))
+                err = _raises(lambda: prompting.decode_generated_output(full, prompt, modality, decode),
+                              _decode_refusals())
                 yield compare_exact(c, q + f" refused like the original ({w['error'].split(':')[0]}; ours: {err or 'no error'})",
                                     np.array(bool(err)), np.array(True))
                 continue
@@ -344,6 +371,9 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
             yield compare_exact(c, q + " outputs (types, texts)", _dumps(_outputs_summary(outs)),
                                 _dumps(_ref_outputs_summary(w["outputs"])))
             for o, r in zip(outs, w["outputs"]):
+                if r["type"] == "SPEECH" and "n_samples" in r:
+                    yield compare_exact(c, q + f" {r.get('wav_key', 'speech')} n_samples", np.array(len(o.content)),
+                                        np.array(r["n_samples"]))
                 if r["type"] == "SPEECH" and r.get("wav_key") in npz:
                     yield compare_close(c, q + f" {r['wav_key']}", o.content, npz[r["wav_key"]], WAV_TOL)
 
@@ -351,13 +381,15 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
         for e in d.get("decode_from_generated_output_ARBITRARY", []):
             q = f"decode_from_generated_output {e['tag']}"
             tok_s = _speech_tok(gs, variant)
+            spk = int(e["speaker_id"]) if "speaker_id" in e else 2  # the wrapper's default speaker
 
-            def decode1(x, _t=tok_s):  # these crafted cases were decoded with speaker_id=1
-                return _t.decode(x, speaker_id=1)
+            def decode1(x, _t=tok_s, _spk=spk):
+                return _t.decode(x, speaker_id=_spk)
 
             full_e = e["generated_content"]  # recorded as prompt + generation, as the original was called
             if e.get("error"):
-                err = _raises(lambda: prompting.decode_generated_output(full_e, e["prompt"], "ARBITRARY", decode1))
+                err = _raises(lambda: prompting.decode_generated_output(full_e, e["prompt"], "ARBITRARY", decode1),
+                              _decode_refusals())
                 yield compare_exact(c, q + f" refused like the original ({e['error'].split(':')[0]}; ours: {err or 'no error'})",
                                     np.array(bool(err)), np.array(True))
                 continue
@@ -365,6 +397,9 @@ def run_lm_wrapper(gs: GoldenSet, case: str) -> Iterable[Result]:
             yield compare_exact(c, q + " outputs (types, texts)", _dumps(_outputs_summary(outs)),
                                 _dumps(_ref_outputs_summary(e["outputs"])))
             for o, r in zip(outs, e["outputs"]):
+                if r["type"] == "SPEECH" and "n_samples" in r:
+                    yield compare_exact(c, q + f" {r.get('wav_key', 'speech')} n_samples", np.array(len(o.content)),
+                                        np.array(r["n_samples"]))
                 if r["type"] == "SPEECH" and r.get("wav_key") in npz:
                     yield compare_close(c, q + f" {r['wav_key']}", o.content, npz[r["wav_key"]], WAV_TOL)
 
@@ -412,6 +447,9 @@ def run_tokenizer(gs: GoldenSet, case: str) -> Iterable[Result]:
     units = tok.encode_units(_recording(gs))
     for k in keys:
         yield compare_exact(case, f"units_{k} = encode_units(recording)", units[k], z[f"units_{k}"])
+    if "units_audio_key" in z:  # the input's absolute path: environment specific, so its file name is compared
+        yield compare_exact(case, "units['audio'] names the input file", os.path.basename(units.get("audio", "")),
+                            os.path.basename(str(z["units_audio_key"])))
     yield compare_exact(case, "string = encode_string(recording)", tok.units2string(units), z["string"])
     wav, info = tok.decode_with_details(str(z["string"]))  # speaker_id=2, dur_pred=True
     if "decode_wav" in z:
@@ -431,138 +469,3 @@ def run_tokenizer(gs: GoldenSet, case: str) -> Iterable[Result]:
         ref_units = {k: str(z[f"units_{k}"]) for k in keys}
         yield compare_close(case, "decode_units_spk0_wav = decode(encode_units(recording), speaker_id=0)",
                             tok.decode(ref_units, speaker_id=0), z["decode_units_spk0_wav"], WAV_TOL)
-
-
-def hubert_chunking_tokenizer_quantities(gs: GoldenSet, case: str, z: dict) -> Iterable[Result]:
-    """The SpiritLMTokenizer parts of hubert_chunking.npz: min/max chunk behaviour of encode_units.
-
-    ``tok_<base|expr>_off<o>_len<n>_<key>``: encode_units(recording[o:o+n]); where the original raised
-    (``..._error``: FCPE on a chunk without a voiced frame), we run with ``strict_original=True`` and must
-    raise too. ``maxchunk29000_*``: a tokenizer with max_wav_chunk=29000, min_wav_chunk=1280.
-    """
-    from spiritlm_jax.speech import SpeechTokenizer
-
-    rec = gs.inputs()["recording_wav"]
-    names = {"base": "base", "expr": "expressive"}
-    combos = sorted({k.rsplit("_", 1)[0] for k in z if k.startswith("tok_")})
-    for combo in combos:
-        _, short, off, ln = combo.split("_")
-        o, n = int(off[3:]), int(ln[3:])
-        tok = _speech_tok(gs, names[short])
-        err_ref = str(z.get(f"{combo}_error", ""))
-        try:
-            got, err = tok.encode_units(rec[o:o + n], strict_original=True), ""
-        except Exception as e:  # noqa: BLE001
-            got, err = {}, type(e).__name__
-        yield compare_exact(case, f"{combo}: raises iff the original raised (original: {err_ref.split(':')[0] or 'none'}; "
-                                  f"ours: {err or 'none'})", np.array(bool(err)), np.array(bool(err_ref)))
-        for key in ("hubert", "pitch", "style"):
-            if f"{combo}_{key}" in z:
-                yield compare_exact(case, f"{combo}_{key}", got.get(key, ""), z[f"{combo}_{key}"])
-    for short in ("base", "expr"):
-        ks = [k for k in z if k.startswith(f"maxchunk29000_{short}_")]
-        if not ks:
-            continue
-        full = _speech_tok(gs, names[short])
-        tok = SpeechTokenizer(full.hubert, None, full.pitch, full.style, max_wav_chunk=29000, min_wav_chunk=1280)
-        u = tok.encode_units(rec)
-        for k in sorted(ks):
-            yield compare_exact(case, k, u.get(k.rsplit("_", 1)[1], ""), z[k])
-
-
-# ==================================================================================== lm_<variant>.npz wrapper records
-def lm_npz_wrapper_quantities(gs: GoldenSet, case: str, keys: list[str]) -> Iterable[Result]:
-    """The Spiritlm-level records inside lm_<variant>.npz (called by the LM runner for these keys).
-
-    * forbidden_<MOD>: our ban lists, exact.
-    * <tag>_new_ids: ids the original's bf16 model generated greedily inside Spiritlm.generate. The
-      MANIFEST calls them records, not bit targets (bf16 kernels differ). We check them teacher-forced: at
-      every step, the original's choice must be within a bf16 band of OUR bf16 model's best allowed logit,
-      the band being twice the original's own bf16-vs-fp32 logit distance (logits_bf16_last4 vs
-      logits_fp32 in the same file).
-    * <tag>_all_ids: the prompt part equals our tokenization of the recorded prompt (in lm_wrapper.json).
-    * <tag>_out<j>_wav / decode_<tag>_out<j>_wav: checked where their recipe lives (lm_wrapper.json),
-      by decoding the recorded ids through our text tokenizer, output parser and vocoder.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from spiritlm_jax.converters.llama import load_hf_params
-    from spiritlm_jax.models.llama import Llama
-
-    variant = case[len("lm_"):-len(".npz")]
-    z = gs.npz(case)
-    tok = _text_tokenizer(gs, variant)
-    expressive = variant == "expressive"
-    wrapper = gs.json("lm_wrapper.json").get(variant, {}) if "lm_wrapper.json" in gs.case_files() else {}
-    calls = {w["tag"]: w for w in wrapper.get("wrapper_generate", [])}
-    wav_owner = {o.get("wav_key"): "lm_wrapper.json" for w in calls.values() for o in w.get("outputs", [])}
-    wav_owner.update({o.get("wav_key"): "lm_wrapper.json" for e in wrapper.get("decode_from_generated_output_ARBITRARY", [])
-                      for o in e.get("outputs", [])})
-
-    model_dir = gs.checkpoints / "spiritlm_model" / _VARIANTS[variant]
-
-    def build():
-        cfg, params = load_hf_params(model_dir, dtype="bfloat16")
-        cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-        m = Llama(cfg)
-        return cfg, jax.tree.map(jnp.asarray, params), jax.jit(lambda p, t: m.apply({"params": p}, t)[0])
-
-    band = None
-    if "logits_bf16_last4" in z:
-        n = z["logits_bf16_last4"].shape[0]
-        band = 2.0 * float(np.abs(z["logits_fp32"][-n:] - z["logits_bf16_last4"]).max())
-
-    for k in sorted(keys):
-        if k.startswith("forbidden_"):
-            mod = k[len("forbidden_"):]
-            yield compare_exact(case, k, np.asarray(prompting.forbidden_tokens_for(mod, expressive, tok.vocab), np.int64), z[k])
-        elif k.endswith("_new_ids"):
-            tag = k[: -len("_new_ids")]
-            all_ids = z.get(f"{tag}_all_ids")
-            w = calls.get(tag)
-            if all_ids is None or w is None or band is None:
-                yield not_implemented(case, k, "needs <tag>_all_ids, its lm_wrapper.json call and logits_bf16_last4")
-                continue
-            mod = _CALL_MOD.search(w["call"])
-            modality = prompting.to_output_modality((mod.group(1) or mod.group(2)) if mod else "ARBITRARY")
-            cfg, params, fwd = gs.cached(f"llama:{variant}:bf16:e2e", build)
-            logits = np.asarray(fwd(params, jnp.asarray(all_ids, jnp.int32)[None])[0])
-            n_new = len(z[k])
-            steps = logits[len(all_ids) - n_new - 1: len(all_ids) - 1]
-            if modality is not prompting.OutputModality.ARBITRARY:
-                steps = np.where(prompting.forbidden_mask(modality, tok.vocab, expressive, n_embed=cfg.vocab_size), -np.inf, steps)
-            chosen = steps[np.arange(n_new), z[k]]
-            margin = float(np.max(steps.max(-1) - chosen))
-            ok = np.isfinite(margin) and margin <= band
-            from spiritlm_jax.converters.parity import Result
-
-            yield Result(case, f"{k} (bf16 record: original's choice within the bf16 band of our best logit, "
-                               f"{n_new} steps)", margin, band, "pass" if ok else "fail")
-        elif k.endswith("_all_ids"):
-            tag = k[: -len("_all_ids")]
-            w = calls.get(tag)
-            if w is None:
-                yield not_implemented(case, k, "no lm_wrapper.json call recorded for this tag")
-                continue
-            prompt = w.get("prompt") or (wrapper.get("fixed_prompt") if "<fixed_prompt>" in w["call"] else None)
-            if prompt is None:  # not recorded (the call raised later): rebuild it from the call's inputs
-                speech = _recorded_speech_strings(gs, variant)
-                items = _inputs_from_call(w["call"], speech)
-                mod = _CALL_MOD.search(w["call"])
-                if items is not None:
-                    prompt = prompting.build_prompt(items, (mod.group(1) or mod.group(2)) if mod else "ARBITRARY",
-                                            encode_speech=speech.__getitem__)
-            if prompt is None:
-                yield not_implemented(case, k, "the call's prompt is not recorded")
-                continue
-            n = w["n_prompt_tokens"]
-            yield compare_exact(case, f"{k}[:n_prompt] == our encode(prompt)", z[k][:n], np.array(tok.encode(prompt)))
-        elif k.endswith("_wav"):
-            if k in wav_owner:
-                # Compared (with WAV_TOL) by run_lm_wrapper, which knows how the original produced it; listed
-                # here so every key of the file is accounted for.
-                continue
-            yield not_implemented(case, k, "no recipe for this waveform in lm_wrapper.json")
-        else:
-            yield not_implemented(case, k, "unknown wrapper record")

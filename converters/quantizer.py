@@ -17,7 +17,9 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from spiritlm_jax.converters import torch_io
-from spiritlm_jax.converters.torch_io import CheckpointError, check_keys, check_shape
+from spiritlm_jax.converters.schema import Row, import_state_dict
+from spiritlm_jax.converters.torch_io import CheckpointError, check_shape
+from spiritlm_jax.converters.transforms import COPY_F32, LINEAR_F32
 from spiritlm_jax.models.quantizer import KmeansConfig, LinearQuantizerConfig
 
 # What torch.load needs to rebuild a numpy array inside a weights_only pickle (opt-in only).
@@ -38,17 +40,20 @@ def convert_linear_quantizer(path: str | os.PathLike, *, allow_classes: Iterable
     if min(cfg.widths) <= 0:
         raise CheckpointError(f"{where}: model_cfg {dict(mc)} gives non-positive layer widths {cfg.widths}")
     sd = torch_io.state_dict_to_numpy(ck["model_weight"])
-    n = len(cfg.widths) - 1
-    expected = [f"{2 * i}.{p}" for i in range(n) for p in ("weight", "bias")]
-    check_keys(sd.keys(), expected, where=where)
-    params = {}
-    for i in range(n):
-        w, b = sd[f"{2 * i}.weight"], sd[f"{2 * i}.bias"]
-        check_shape(f"{2 * i}.weight", w, (cfg.widths[i + 1], cfg.widths[i]), where=where)
-        check_shape(f"{2 * i}.bias", b, (cfg.widths[i + 1],), where=where)
-        params[f"dense_{i}_kernel"] = np.ascontiguousarray(w.T, dtype=np.float32)
-        params[f"dense_{i}_bias"] = np.asarray(b, dtype=np.float32)
-    return cfg, params
+    return cfg, import_state_dict(linear_quantizer_rows(cfg), sd, where=where)
+
+
+def linear_quantizer_rows(cfg: LinearQuantizerConfig) -> list[Row]:
+    """nn.Sequential(Linear, LeakyReLU, Linear, LeakyReLU, Linear): keys 0.*, 2.*, 4.* (REFERENCE §2.3)."""
+    rows = []
+    for i in range(len(cfg.widths) - 1):
+        rows.append(Row.one((f"dense_{i}_kernel",), f"{2 * i}.weight", (cfg.widths[i + 1], cfg.widths[i]), LINEAR_F32))
+        rows.append(Row.one((f"dense_{i}_bias",), f"{2 * i}.bias", (cfg.widths[i + 1],), COPY_F32))
+    return rows
+
+
+def kmeans_rows(cfg: KmeansConfig) -> list[Row]:
+    return [Row.one(("centers",), "cluster_centers", (cfg.n_clusters, cfg.dim), COPY_F32)]
 
 
 def convert_kmeans(path: str | os.PathLike, *, allow_classes: Iterable[str] = ()) -> tuple[KmeansConfig, dict]:
@@ -70,7 +75,7 @@ def convert_kmeans(path: str | os.PathLike, *, allow_classes: Iterable[str] = ()
         raise CheckpointError(f"{where}: cluster_centers must be 2-D [K, d], got shape {centers.shape}")
     check_shape("cluster_centers", centers, (k, centers.shape[1]), where=where)
     cfg = KmeansConfig(n_clusters=k, dim=int(centers.shape[1]))
-    return cfg, {"centers": np.asarray(centers, dtype=np.float32)}
+    return cfg, import_state_dict(kmeans_rows(cfg), {"cluster_centers": centers}, where=where)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,24 +10,25 @@ original class's device-marker buffer).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
 from spiritlm_jax.converters import torch_io
-from spiritlm_jax.converters.hubert import build_encoder_params
-from spiritlm_jax.converters.torch_io import CheckpointError, check_shape
+from spiritlm_jax.converters.hubert import encoder_rows, weight_norm_names
+from spiritlm_jax.converters.schema import Row, import_state_dict
+from spiritlm_jax.converters.torch_io import CheckpointError
+from spiritlm_jax.converters.transforms import COPY_F32, LINEAR_F32
 from spiritlm_jax.models.hubert import EncoderConfigError
 from spiritlm_jax.models.style import POOL_SIZE, StyleEncoderConfig
 
 # masked_spec_embed: training-time masking; layer_weights: weighted layer sum, unused by the original's
 # forward; _float_tensor: the original class's device-marker buffer (present when a checkpoint is
 # saved from Wav2Vec2StyleEncoder itself; absent from the released file).
-STYLE_IGNORED = (r"masked_spec_embed", r"layer_weights", r"_float_tensor")
+STYLE_IGNORED = (r"wav2vec2\.masked_spec_embed", r"layer_weights", r"_float_tensor")
 
 
 def read_style_config(model_dir: str | os.PathLike, pool_size: int = POOL_SIZE) -> StyleEncoderConfig:
@@ -46,27 +47,37 @@ def read_style_config(model_dir: str | os.PathLike, pool_size: int = POOL_SIZE) 
         raise CheckpointError(f"{p}: {e}") from e
 
 
+def head_rows(cfg: StyleEncoderConfig) -> list[Row]:
+    """The classification head: projector (E → P) and classifier (P → labels), HF Linear layouts."""
+    E, P, N = cfg.encoder.embed_dim, cfg.proj_size, cfg.num_labels
+    return [Row.one(("projector", "kernel"), "projector.weight", (P, E), LINEAR_F32),
+            Row.one(("projector", "bias"), "projector.bias", (P,), COPY_F32),
+            Row.one(("classifier", "kernel"), "classifier.weight", (N, P), LINEAR_F32),
+            Row.one(("classifier", "bias"), "classifier.bias", (N,), COPY_F32)]
+
+
+def style_rows(cfg: StyleEncoderConfig, wn_names: str = "legacy") -> list[Row]:
+    """The whole schema: the wav2vec2 body under ``encoder`` (keys prefixed ``wav2vec2.``) + the head."""
+    body = [dataclasses.replace(r, path=("encoder",) + r.path, keys=tuple(f"wav2vec2.{k}" for k in r.keys))
+            for r in encoder_rows(cfg.encoder, "hf", wn_names)]
+    return body + head_rows(cfg)
+
+
+def convert_style_state_dict(sd: dict, cfg: StyleEncoderConfig, where: str, *, keep_unused: bool = False) -> dict:
+    layer_ids = {int(m.group(1)) for k in sd for m in [re.match(r"wav2vec2\.encoder\.layers\.(\d+)\.", k)] if m}
+    if layer_ids and max(layer_ids) + 1 != cfg.encoder.num_layers:
+        raise CheckpointError(f"{where}: the state dict has {max(layer_ids) + 1} transformer layers but config.json "
+                              f"says {cfg.encoder.num_layers}")
+    wn = weight_norm_names(sd, "wav2vec2.encoder.pos_conv_embed.conv")
+    return import_state_dict(style_rows(cfg, wn), sd, where=where, unused=STYLE_IGNORED, keep_unused=keep_unused)
+
+
 def convert_style(model_dir: str | os.PathLike, *, pool_size: int = POOL_SIZE,
-                  allow_classes: Iterable[str] = ()) -> tuple[StyleEncoderConfig, dict]:
+                  allow_classes: Iterable[str] = (), keep_unused: bool = False) -> tuple[StyleEncoderConfig, dict]:
     where = str(model_dir)
     cfg = read_style_config(model_dir, pool_size)
     sd = dict(torch_io.iter_hf_tensors(model_dir, allow_classes=allow_classes))
-    body = {k[len("wav2vec2."):]: v for k, v in sd.items() if k.startswith("wav2vec2.")}
-    head = {k: v for k, v in sd.items() if not k.startswith("wav2vec2.")}
-    enc = build_encoder_params(body, cfg.encoder, "hf", where=where + " (wav2vec2.*)", ignore=STYLE_IGNORED)
-    expected = {"projector.weight": (cfg.proj_size, cfg.encoder.embed_dim), "projector.bias": (cfg.proj_size,),
-                "classifier.weight": (cfg.num_labels, cfg.proj_size), "classifier.bias": (cfg.num_labels,)}
-    torch_io.check_keys(head.keys(), expected.keys(), where=where, ignore=[re.compile(p) for p in STYLE_IGNORED])
-    for k, shape in expected.items():
-        check_shape(k, head[k], shape, where=where)
-    params = {
-        "encoder": enc,
-        "projector": {"kernel": np.ascontiguousarray(head["projector.weight"].T, np.float32),
-                      "bias": np.asarray(head["projector.bias"], np.float32)},
-        "classifier": {"kernel": np.ascontiguousarray(head["classifier.weight"].T, np.float32),
-                       "bias": np.asarray(head["classifier.bias"], np.float32)},
-    }
-    return cfg, params
+    return cfg, convert_style_state_dict(sd, cfg, where, keep_unused=keep_unused)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -132,6 +132,14 @@ def check_layout(root: Path, variant: str, source: str) -> None:
     if not root.is_dir():
         raise DemoError(f"the checkpoint folder {root} (from {source}) does not exist. It must be the original "
                         f"Spirit LM checkpoints/ folder, holding speech_tokenizer/ and spiritlm_model/.")
+    from spiritlm_jax.converters.tree import check_converted_tree, is_converted_tree
+
+    if is_converted_tree(root):  # written by `spiritlm-jax convert all`: read without torch
+        missing = check_converted_tree(root, variant)
+        if missing:
+            raise DemoError(f"{root} (from {source}) is a converted tree but lacks {len(missing)} file(s) of the "
+                            f"{variant} model:\n  " + "\n  ".join(missing) + "\nRe-run spiritlm-jax convert all.")
+        return
     missing = [f for f in required_files(variant) if not (root / f).is_file()]
     if missing:
         shown = "\n  ".join(missing)  # at most 17 files

@@ -79,7 +79,7 @@ def run(args) -> int:
     try:
         tok = SpeechTokenizer.from_checkpoints(args.checkpoints, args.variant, f0_backbone=args.f0_backbone,
                                                with_vocoder=False)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: CheckpointError / ModelDirError (bad or unreadable files)
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = sys.stdout if args.out == "-" else open(args.out, "w")

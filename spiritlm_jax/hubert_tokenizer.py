@@ -179,10 +179,38 @@ class HubertTokenizer:
 
     @classmethod
     def from_checkpoint_dir(cls, path: str | os.PathLike, **kw) -> "HubertTokenizer":
-        """``path`` = the ``speech_tokenizer`` folder or its ``hubert_25hz`` sub-folder."""
+        """``path`` = the ``speech_tokenizer`` folder or its ``hubert_25hz`` sub-folder, converted
+        (``spiritlm-jax convert all``: read without torch) or original (converted on the fly; needs torch)."""
+        from spiritlm_jax import model_dir
+
         p = Path(path)
         d = p / "hubert_25hz" if (p / "hubert_25hz").is_dir() else p
+        if model_dir.is_converted(d):
+            return cls.from_model_dir(d, **kw)
+        model_dir.original_needs_torch(d, "the HuBERT and quantizer .pt files")
         return cls.from_checkpoints(d / "mhubert_base_25hz.pt", d / "L11_quantizer_500.pt", **kw)
+
+    @classmethod
+    def from_model_dir(cls, folder: str | os.PathLike, *, hubert_layer: int | None = None,
+                       allow_classes: Sequence[str] = (), **kw) -> "HubertTokenizer":
+        """A converted ``hubert_25hz`` folder (config.json + model.safetensors; docs/model-format.md). It
+        stores every layer; ``hubert_layer`` (default: the tokenizer's, 11) picks the output layer."""
+        from spiritlm_jax import model_dir
+
+        meta, params = model_dir.read_component(folder, "hubert", slot="the HuBERT tokenizer (hubert_25hz)")
+        c = meta["config"]
+        ecfg = model_dir.config_from_json(SpeechEncoderConfig, c["encoder"], f"{folder}/config.json:encoder")
+        qkind = c["quantizer"]["kind"]
+        qcls = LinearQuantizerConfig if qkind == "linear" else KmeansConfig
+        qcfg = model_dir.config_from_json(qcls, c["quantizer"]["config"], f"{folder}/config.json:quantizer")
+        layer = int(c.get("hubert_layer", ecfg.num_layers) if hubert_layer is None else hubert_layer)
+        if not 1 <= layer <= ecfg.num_layers:
+            raise model_dir.ModelDirError(f"hubert_layer={layer} is outside 1..{ecfg.num_layers}, the layers stored in {folder}")
+        # run the first `layer` layers; a pre-norm encoder then skips its final LayerNorm (as fairseq does)
+        params["encoder"]["layers"] = {k: v[:layer] for k, v in params["encoder"]["layers"].items()}
+        ecfg = ecfg.replace(num_layers=layer, output_layer=None,
+                            encoder_ln="none" if ecfg.layer_norm_first else ecfg.encoder_ln)
+        return cls(ecfg, params["encoder"], qcfg, params["quantizer"], hubert_layer=layer, **kw)
 
     # -- properties ----------------------------------------------------------------------------------
 

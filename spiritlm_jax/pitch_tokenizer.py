@@ -128,12 +128,31 @@ def _vq_debug(vparams, x, *, vcfg):
     return codes, latent, vq.reconstruct(vparams, vcfg, x)
 
 
+FCPE_FOLDER = "fcpe"  # the converted FCPE weights, beside vqvae_f0_quantizer/ in a converted tree
+
+
+def load_fcpe_model(path: str | os.PathLike | None = None) -> tuple:
+    """(cfg, params, consts) of the FCPE pitch estimator: from a converted ``fcpe/`` folder (no torch,
+    no torchfcpe), else from a torchfcpe ``.pt`` file, else from the installed torchfcpe wheel."""
+    from spiritlm_jax import model_dir
+
+    if path is not None and model_dir.is_converted(path):
+        meta, params = model_dir.read_component(path, "fcpe", slot="the FCPE pitch estimator")
+        cfg = model_dir.config_from_json(fcpe_mod.FCPEConfig, meta["config"], f"{path}/config.json")
+        return cfg, {"net": params["net"]}, params["consts"]
+    pt = path if path is not None and Path(path).is_file() else None
+    model_dir.original_needs_torch(pt or "torchfcpe's bundled fcpe_c_v001.pt", "the FCPE weights")
+    from spiritlm_jax.converters.fcpe import load_fcpe
+
+    return load_fcpe(pt)
+
+
 class PitchTokenizer:
     """Audio → pitch units (or F0 with ``dense=True``).
 
     ``PitchTokenizer.from_checkpoints(".../speech_tokenizer/vqvae_f0_quantizer")`` reads the VQ-VAE
-    and, for the FCPE backbone, the real FCPE weights bundled in the installed torchfcpe 0.0.4 (or
-    ``fcpe_path``).
+    (converted or original) and, for the FCPE backbone, the FCPE weights: the converted ``fcpe/``
+    folder beside it, else ``fcpe_path``, else the ones bundled in the installed torchfcpe 0.0.4.
     """
 
     def __init__(self, vqvae_cfg: vq.F0VQVAEConfig, vqvae_params, fcpe: tuple | None = None,
@@ -169,14 +188,20 @@ class PitchTokenizer:
     @classmethod
     def from_checkpoints(cls, vqvae_dir: str | os.PathLike, backbone: str = "fcpe",
                          fcpe_path: str | os.PathLike | None = None, **kw) -> "PitchTokenizer":
-        from spiritlm_jax.converters.f0_vqvae import load_f0_vqvae
+        from spiritlm_jax import model_dir
 
-        vcfg, vparams = load_f0_vqvae(vqvae_dir)
+        vqvae_dir = Path(vqvae_dir)
+        if model_dir.is_converted(vqvae_dir):
+            meta, vparams = model_dir.read_component(vqvae_dir, "f0-vqvae", slot="the pitch VQ-VAE (vqvae_f0_quantizer)")
+            vcfg = model_dir.config_from_json(vq.F0VQVAEConfig, meta["config"], f"{vqvae_dir}/config.json")
+        else:
+            model_dir.original_needs_torch(vqvae_dir, "the pitch VQ-VAE model.pt")
+            from spiritlm_jax.converters.f0_vqvae import load_f0_vqvae
+
+            vcfg, vparams = load_f0_vqvae(vqvae_dir)
         fcpe = None
         if backbone == "fcpe":
-            from spiritlm_jax.converters.fcpe import load_fcpe
-
-            fcpe = load_fcpe(fcpe_path)
+            fcpe = load_fcpe_model(fcpe_path if fcpe_path is not None else vqvae_dir.parent / FCPE_FOLDER)
         return cls(vcfg, vparams, fcpe=fcpe, backbone=backbone, **kw)
 
     # -- helpers ---------------------------------------------------------------------------------

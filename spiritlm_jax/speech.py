@@ -81,8 +81,10 @@ class SpeechTokenizer:
     @classmethod
     def from_checkpoints(cls, root: str | os.PathLike | None = None, variant: str = "base", *, f0_backbone: str = "fcpe",
                          mesh=None, with_vocoder: bool = True, default_speaker: int = 2, **kw) -> "SpeechTokenizer":
-        """Build from the original ``checkpoints/`` tree (``speech_tokenizer/…``), as the factories
-        ``spiritlm_base()`` / ``spiritlm_expressive()`` do."""
+        """Build from a ``checkpoints/`` tree (``speech_tokenizer/…``), as the factories
+        ``spiritlm_base()`` / ``spiritlm_expressive()`` do: the original tree (needs torch) or one written
+        by ``spiritlm-jax convert all`` (read without torch; docs/model-format.md). Each component's
+        identity is checked against its slot (e.g. the vocoder's variant)."""
         from .hubert_tokenizer import HubertTokenizer
         from .vocoder import HifiGANVocoder
 
@@ -98,8 +100,10 @@ class SpeechTokenizer:
             pitch = PitchTokenizer.from_checkpoints(st / "vqvae_f0_quantizer", backbone=f0_backbone, mesh=mesh)
             style = StyleTokenizer.from_checkpoint_dir(st / "style_encoder_w2v2", mesh=mesh)
         if with_vocoder:
-            name = "hifigan_spiritlm_expressive_w2v2" if variant == "expressive" else "hifigan_spiritlm_base"
-            vocoder = HifiGANVocoder.from_pretrained(st / name, default_speaker=default_speaker, mesh=mesh)
+            from .vocoder import VOCODER_FOLDERS
+
+            vocoder = HifiGANVocoder.from_pretrained(st / VOCODER_FOLDERS[variant], variant=variant,
+                                                     default_speaker=default_speaker, mesh=mesh)
         return cls(hubert, vocoder, pitch, style, **kw)
 
     # ------------------------------------------------------------------------------ encoding

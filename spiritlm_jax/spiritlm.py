@@ -83,8 +83,10 @@ class SpiritLM:
                         mesh=None, f0_backbone: str = "fcpe", with_speech: bool = True,
                         variant: str | None = None, scan_layers: bool = False) -> "SpiritLM":
         """``name_or_path``: a variant name (``spirit-lm-base-7b``, ``spirit-lm-expressive-7b``, or
-        ``base``/``expressive``) resolved under ``checkpoints`` / $SPIRITLM_CHECKPOINTS_DIR (the
-        original's layout), or a directory: the original HF LM folder or our converted one.
+        ``base``/``expressive``) resolved under ``checkpoints`` / $SPIRITLM_CHECKPOINTS_DIR, or a
+        directory: a checkpoints/ tree (original, or converted by ``spiritlm-jax convert all``: read
+        without torch), an LM folder (original HF, converted, or a trained run exported by
+        ``spiritlm-jax export``). docs/model-format.md describes the layouts.
 
         ``speech_checkpoints``: the folder holding ``speech_tokenizer/`` (default: the same root, or
         the grand-parent of an LM folder inside an original tree).
@@ -99,7 +101,18 @@ class SpiritLM:
         dtype = dtype or default_dtype()
         p = Path(name_or_path)
         variant = _variant(variant) if variant else None
-        if p.is_dir():
+        if p.is_dir() and (p / "spiritlm_model").is_dir():  # a whole checkpoints/ tree (original or converted)
+            present = sorted(v for v in ("base", "expressive") if (p / "spiritlm_model" / f"spirit-lm-{v}-7b").is_dir())
+            if variant is None and len(present) != 1:
+                raise FileNotFoundError(
+                    f"{p} is a checkpoints/ tree holding {present or 'no'} LM(s); pass variant='base' or 'expressive'"
+                    if present else f"{p}/spiritlm_model holds no spirit-lm-base-7b or spirit-lm-expressive-7b folder")
+            variant = variant or present[0]
+            lm_dir = p / "spiritlm_model" / f"spirit-lm-{variant}-7b"
+            if not lm_dir.is_dir():
+                raise FileNotFoundError(f"{lm_dir} not found: the checkpoint folder lacks the {variant} LM")
+            root = speech_checkpoints or p
+        elif p.is_dir():
             lm_dir = p
             root = speech_checkpoints or (p.parent.parent if (p.parent.parent / "speech_tokenizer").is_dir() else None)
         else:
@@ -109,10 +122,16 @@ class SpiritLM:
             if not lm_dir.is_dir():
                 raise FileNotFoundError(f"{lm_dir} not found: the checkpoint folder lacks the {variant} LM")
             root = speech_checkpoints or root
+        if not (lm_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{lm_dir} has no config.json: expected an LM folder (original HF, converted by "
+                                    f"`spiritlm-jax convert`, or written by `spiritlm-jax export`) or a checkpoints/ tree")
         meta = json.loads((lm_dir / "config.json").read_text())
         if meta.get("format") == FORMAT:
             cfg, params = load_converted(lm_dir, mesh=mesh, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
         else:
+            from .model_dir import original_needs_torch
+
+            original_needs_torch(lm_dir, "an HF Llama folder")
             cfg, params = load_hf_params(lm_dir, dtype=dtype, scan_layers=scan_layers)
             cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
             params = _place(params, cfg, mesh)

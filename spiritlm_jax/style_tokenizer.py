@@ -43,13 +43,26 @@ class StyleTokenizer:
 
     @classmethod
     def from_checkpoint_dir(cls, path: str | os.PathLike, **kw) -> "StyleTokenizer":
-        """``path`` = the ``speech_tokenizer`` folder or its ``style_encoder_w2v2`` sub-folder."""
-        from spiritlm_jax.converters.style import convert_style
+        """``path`` = the ``speech_tokenizer`` folder or its ``style_encoder_w2v2`` sub-folder, converted
+        (read without torch) or original (converted on the fly; needs torch)."""
+        import dataclasses
+
+        from spiritlm_jax import model_dir
 
         p = Path(path)
         d = p / "style_encoder_w2v2" if (p / "style_encoder_w2v2").is_dir() else p
         allow = kw.pop("allow_classes", ())
-        cfg, params = convert_style(d, pool_size=kw.pop("pool_size", 50), allow_classes=allow)
+        pool_size = kw.pop("pool_size", None)
+        if model_dir.is_converted(d):
+            meta, params = model_dir.read_component(d, "style", slot="the style tokenizer (style_encoder_w2v2)")
+            cfg = model_dir.config_from_json(StyleEncoderConfig, meta["config"], f"{d}/config.json")
+            if pool_size is not None:
+                cfg = dataclasses.replace(cfg, pool_size=int(pool_size))
+            return cls(cfg, params, **kw)
+        model_dir.original_needs_torch(d, "the HF wav2vec2 style encoder")
+        from spiritlm_jax.converters.style import convert_style
+
+        cfg, params = convert_style(d, pool_size=50 if pool_size is None else pool_size, allow_classes=allow)
         return cls(cfg, params, **kw)
 
     def _chunks(self, wav: np.ndarray, max_chunk: int | None, min_chunk: int | None = None) -> list[np.ndarray]:

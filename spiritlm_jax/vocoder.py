@@ -53,6 +53,37 @@ class VocoderInputError(ValueError):
     """A vocoder input that the model cannot synthesise (bad ids, misaligned codes, …)."""
 
 
+class VocoderSlotError(ValueError):
+    """A vocoder folder holds the other variant's vocoder (e.g. a Base one in the Expressive slot)."""
+
+
+VOCODER_FOLDERS = {"base": "hifigan_spiritlm_base", "expressive": "hifigan_spiritlm_expressive_w2v2"}
+
+
+def vocoder_variant(cfg: HifiGANConfig) -> str:
+    """"expressive" for a vocoder with pitch- and style-code tables, else "base"."""
+    return "expressive" if cfg.num_f0_tokens and cfg.num_style_tokens else "base"
+
+
+def check_vocoder_slot(folder: str | Path, cfg: HifiGANConfig, variant: str | None) -> None:
+    if variant is None:
+        return
+    got = vocoder_variant(cfg)
+    if got != variant:
+        raise VocoderSlotError(
+            f"{folder} holds a {got.capitalize()} vocoder (its config {'has' if got == 'expressive' else 'lacks'} "
+            f"pitch/style code tables) but sits in the {variant.capitalize()} slot; the {got.capitalize()} vocoder "
+            f"belongs in speech_tokenizer/{VOCODER_FOLDERS[got]}/ and the {variant.capitalize()} one in "
+            f"speech_tokenizer/{VOCODER_FOLDERS[variant]}/")
+
+
+def read_names(p: Path) -> list[str] | None:
+    """speakers.txt / styles.txt: one name per line (None when the file is absent)."""
+    if not p.exists():
+        return None
+    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Padded length for n: multiples of 16 up to 64, then ~2^(1/4) geometric steps rounded up to
     a multiple of 16 (at most ~19% padding, a handful of compiled shapes per decade)."""
@@ -157,12 +188,27 @@ class HifiGANVocoder:
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, ckpt_dir: str | Path, **kwargs) -> "HifiGANVocoder":
-        """Load an original ``hifigan_*`` directory (config.json + generator.pt + names)."""
-        from spiritlm_jax.converters.hifigan import load_hifigan
+    def from_pretrained(cls, ckpt_dir: str | Path, *, variant: str | None = None, **kwargs) -> "HifiGANVocoder":
+        """Load a ``hifigan_*`` directory: converted (config.json + model.safetensors + names; no torch)
+        or original (config.json + generator.pt + names; converted on the fly, needs torch).
 
-        ck = load_hifigan(ckpt_dir)
-        return cls(ck.cfg, ck.params, speakers=ck.speakers, styles=ck.styles, **kwargs)
+        ``variant`` ("base" / "expressive"): the slot the caller loads it for; a vocoder of the other
+        variant is refused with :class:`VocoderSlotError` naming the folder and both variants."""
+        from spiritlm_jax import model_dir
+
+        d = Path(ckpt_dir)
+        if model_dir.is_converted(d):
+            meta, params = model_dir.read_component(d, "hifigan", slot="the HiFi-GAN vocoder")
+            cfg = model_dir.config_from_json(HifiGANConfig, meta["config"], f"{d}/config.json")
+            speakers, styles = read_names(d / "speakers.txt"), read_names(d / "styles.txt")
+        else:
+            model_dir.original_needs_torch(d, "the HiFi-GAN generator.pt")
+            from spiritlm_jax.converters.hifigan import load_hifigan
+
+            ck = load_hifigan(d)
+            cfg, params, speakers, styles = ck.cfg, ck.params, ck.speakers, ck.styles
+        check_vocoder_slot(d, cfg, variant)
+        return cls(cfg, params, speakers=speakers, styles=styles, **kwargs)
 
     @property
     def sample_rate(self) -> int:

@@ -62,3 +62,46 @@ def test_every_golden_case_file_has_a_runner(golden_dir):
     gs = GoldenSet(golden_dir)
     missing = [c for c in gs.case_files() if c not in INPUT_FILES and _load_runner(c)[0] is None]
     assert not missing
+
+
+def test_a_key_no_runner_reads_fails_the_run(golden_dir, tmp_path):
+    """A case file gaining a key that no runner checks must not pass silently."""
+    g = tmp_path / "golden"
+    (g / "cases").mkdir(parents=True)
+    (g / "checkpoints").symlink_to(golden_dir / "checkpoints")
+    data = json.loads((golden_dir / "cases" / "model_utils.json").read_text())
+    data["string_predicates"][0]["a_new_quantity"] = 3
+    (g / "cases" / "model_utils.json").write_text(json.dumps(data))
+    out = tmp_path / "p.json"
+    assert main(["parity", str(g), "--json", str(out)]) == 1
+    bad = [r for r in json.loads(out.read_text()) if not r["pass"]]
+    assert len(bad) == 1 and bad[0]["status"] == "not-implemented"
+    assert "string_predicates[].a_new_quantity" in bad[0]["detail"]
+
+
+def test_tracked_views_record_reads_not_listings():
+    from spiritlm_jax.converters.parity import TrackedDict, key_paths
+
+    raw = {"a": 1, "b": {"c": [{"d": 2, "e": 3}]}, "f": {"g": 4}}
+    seen: set[str] = set()
+    view = TrackedDict(raw, "", seen)
+    assert "a" in view and sorted(view) == ["a", "b", "f"] and not seen  # membership and listing read nothing
+    assert view["b"]["c"][0]["d"] == 2
+    json.dumps(view["f"])  # serialising a sub-dict reads all of it
+    assert key_paths(raw) - seen == {"a", "b.c[].e"}
+
+
+def test_refusal_checks_accept_only_documented_errors():
+    """'refused like the original' must not be satisfied by an unrelated crash of ours."""
+    import pytest
+
+    from spiritlm_jax.converters.parity_e2e import _decode_refusals, _raises
+    from spiritlm_jax.prompting import PromptError
+
+    def bad_output():
+        raise PromptError("no speech")
+
+    assert _raises(bad_output, _decode_refusals()) == "PromptError"
+    assert _raises(lambda: None, _decode_refusals()) == ""
+    with pytest.raises(ZeroDivisionError):
+        _raises(lambda: 1 / 0, _decode_refusals())
