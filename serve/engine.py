@@ -13,9 +13,16 @@
 * **Prefix cache.** After a prefill the prompt's KV, in whole blocks of ``block`` tokens, is kept as a
   read-only device copy keyed by a hash chain over the blocks (``PrefixCache``). A later prompt that starts
   with cached blocks gets them copied into its row and prefills only the rest. Least-recently-used
-  entries are evicted beyond ``prefix_cache_mb``. Why a contiguous row with a prefix COPY and not a paged
-  cache: see ``serve/__init__.py`` (measured: the copy costs well under a millisecond per 1,000 tokens
-  at 135 M parameters, while a page-table gather in every decode step costs more than that per step).
+  entries are evicted beyond ``prefix_cache_mb``.
+* **Why contiguous rows + a prefix copy, not a paged cache.** The measured target is met with it: a request
+  sharing a cached 1,000-token prefix reaches its first token in 8% of the cold time (135 M parameters,
+  ``bench/serve_bench.py --parts prefix``; target ≤ 20%). The copy is one write of the prefix's KV per
+  request (12 layers × 2 × 1,000 × 768 fp32 = 74 MB at 135 M), against a page-table gather of the whole
+  cache in every decode step that paging costs without a custom attention kernel (XLA on CPU has none);
+  under the load of the shared machine the two did not separate in our measurement (bench/RESULTS.md), so
+  the choice rests on exactness and simplicity: a row is the model's own cache layout, read through the
+  public ``apply``/``init_cache`` API. What paging would add is memory: rows reserve ``max_len`` positions
+  per slot whatever the request needs.
 * **Scheduling.** First come, first served; before each decode step every free slot is filled from the
   queue (prefill first: the lowest time to first token; the running slots wait for those prefills).
 

@@ -119,3 +119,18 @@ def test_prefix_cache_hash_chain_and_eviction():
     assert cache.lookup(b + [7])[1] == 8  # b's own blocks are gone; the two it shared with a are still served
     assert cache.lookup(a + [7])[1] == 16 and cache.lookup(c + [1])[1] == 16
     assert cache.nbytes <= cache.budget
+
+
+def test_slots_sharded_over_a_mesh_give_the_same_greedy_output(lm):
+    """Slots split over the mesh's data axis (the cache is sharded like activations; params replicated)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from spiritlm_jax.sharding import make_mesh
+
+    mesh = make_mesh((2, 1, 1), jax.devices()[:2])
+    params = jax.device_put(lm.params, NamedSharding(mesh, PartitionSpec()))
+    engine = Engine(lm.cfg, params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, mesh=mesh)
+    prompts = [[1, 7, 8, 9], [1, 20, 21], [1, 30, 31, 32, 33, 34]]
+    got = engine.run_to_completion([Request(p, 12) for p in prompts])
+    assert got == generate(lm.cfg, lm.params, prompts, SamplingConfig(max_new_tokens=12), eos_id=2)[0]

@@ -1,0 +1,411 @@
+"""Serving benchmark: the KV-layout decision, the prefix-cache TTFT ratio, and concurrent clients on loopback.
+
+Model: the ~135 M benchmark config of lm_bench.py (hidden 768, 12 layers, 12 heads, MLP 2048, vocabulary
+32768), random weights, fp32, unrolled layers; the demo checkpoints' tokenizer and speech tokenizer/vocoder
+(tiny: time to first audio here measures the pipeline, not a real-size HifiGAN — see hifigan_bench.py).
+
+Parts (all by default; each bounded in requests and time, stopping by itself):
+  layout  one decode step over a contiguous per-slot cache vs the same step gathering a paged cache
+          through a page table (jnp.take, what a paged layout without a custom kernel costs on CPU), and
+          the one-off cost of copying a cached 1,000-token prefix into a slot row.
+  prefix  time to first token of a request whose 1,000-token prefix is cached vs cold (target ≤ 20%).
+  load    an in-process server on 127.0.0.1; N concurrent clients (N = 1, 4, 16, 32) with Poisson arrivals
+          sending a mix: text completions (streamed), few-shot completions sharing a 1,000-token prefix, and
+          speech-out native requests (streamed audio). Reports tokens/s, p50/p99 TTFT and TTFA, prefix-cache
+          hit rate, lost/failed/duplicated requests; then the same request list one at a time through our
+          server (sequential) and through HF transformers' generate (what a user of the original has).
+Targets: no request lost, failed or duplicated; 16 clients ≥ 4x the sequential tokens/s.
+
+Run (one command; ~10-20 min on a quiet 2-core machine): python bench/serve_bench.py
+Quick check: python bench/serve_bench.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+PREFIX_TOKENS = 1000
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def build_model(seed: int = 0):
+    """The 135 M benchmark LM (HF random init, converted) + the demo tokenizer/speech stack."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+    from spiritlm_jax.config import LlamaConfig
+    from spiritlm_jax.converters import torch_io
+    from spiritlm_jax.converters.llama import convert_tensors
+    from spiritlm_jax.speech import SpeechTokenizer
+    from spiritlm_jax.spiritlm import SpiritLM
+    from spiritlm_jax.text import TextTokenizer
+    from spiritlm_jax.tiny_checkpoints import ensure_tiny_checkpoints
+
+    hf_cfg = HFConfig(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=12, num_key_value_heads=12, rope_theta=1e5, max_position_embeddings=4096,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(hf_cfg).float().eval()
+    cfg = LlamaConfig.from_hf(hf_cfg.to_dict(), scan_layers=False)
+    params = convert_tensors(((k, torch_io.to_numpy(v)) for k, v in hf.state_dict().items()), cfg, scan_layers=False)
+    params = jax.tree.map(jnp.asarray, params)
+    root, _ = ensure_tiny_checkpoints(log=lambda m: print(m, file=sys.stderr))
+    tok = TextTokenizer.from_dir(root / "spiritlm_model" / "spirit-lm-base-7b", n_embed=cfg.vocab_size)
+    speech = SpeechTokenizer.from_checkpoints(root, "base")
+    lm = SpiritLM(cfg, params, tok, speech, "base")
+    n_params = sum(p.numel() for p in hf.parameters())
+    return lm, hf, n_params
+
+
+# ------------------------------------------------------------------------------------------ layout
+def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) -> dict:
+    """Decode step (contiguous cache) vs the same cache read through a page table, + prefix copy cost."""
+    import jax
+    import jax.numpy as jnp
+
+    from spiritlm_jax.serve.engine import Engine, Request, _decode_step, _extract, _prefill
+
+    cfg = lm.cfg
+    eng = Engine(cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1, prefix_cache_mb=0)
+    eng.run_to_completion([Request([1] * 8, 3)])
+
+    def timed(fn, *a):
+        out = fn(*a)
+        jax.block_until_ready(out)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    # the engine's real step (all slots active)
+    h = eng.host
+    args = [jnp.asarray(h[k]) for k in ("token", "position", "temperature", "top_k", "top_p", "repetition_penalty",
+                                         "do_sample", "seed", "counter")]
+    def step():
+        out = _decode_step(lm.params, eng.cache, eng.banned, eng.seen, *args, cfg=cfg)
+        eng.cache, eng.seen = out[4], out[5]
+        return out[0]
+
+    contiguous = timed(step)
+    # a paged cache: a pool of pages and a page table per slot; every layer's K and V gathered per step
+    n_pages = slots * max_len // page
+    K, D = cfg.num_key_value_heads, cfg.head_dim_
+    pool = jnp.zeros((n_pages, page, K, D), jnp.float32)
+    table = jnp.asarray(np.random.default_rng(0).permutation(n_pages).reshape(slots, max_len // page), jnp.int32)
+
+    q = jnp.ones((slots, K, D), jnp.float32)
+
+    @jax.jit
+    def gather_all_layers(pool, table):
+        # what the attention reads per layer, K and V: the paged read is a gather into (B, S, KV, D); the
+        # score einsum consumes all of it, so nothing can be optimised away
+        total = jnp.zeros((slots, K, max_len), jnp.float32)
+        for layer in range(cfg.num_hidden_layers):
+            for kv in range(2):
+                g = jnp.take(pool, table + (layer + kv) % 2, axis=0, mode="clip").reshape(slots, max_len, K, D)
+                total = total + jnp.einsum("bkd,bskd->bks", q, g)
+        return total
+
+    @jax.jit
+    def read_contiguous(cache_k):
+        total = jnp.zeros((slots, K, max_len), jnp.float32)
+        for layer in range(cfg.num_hidden_layers):
+            for kv in range(2):
+                total = total + jnp.einsum("bkd,bskd->bks", q, cache_k + (layer + kv))
+        return total
+
+    gather = timed(gather_all_layers, pool, table) - timed(read_contiguous, jnp.zeros((slots, max_len, K, D)))
+    # one-off prefix copy: a 1,000-token entry written into a slot row (what the prefix cache costs)
+    entry = _extract(eng.cache, jnp.int32(0), cfg=cfg, length=min(1024, max_len))
+    tokens = jnp.zeros((1, 16), jnp.int32)
+
+    def copy_prefill():
+        logits, eng.cache = _prefill(lm.params, eng.cache, jnp.int32(0), tokens, jnp.int32(PREFIX_TOKENS),
+                                     jnp.int32(15), entry, cfg=cfg)
+        return logits
+
+    def plain_prefill():
+        logits, eng.cache = _prefill(lm.params, eng.cache, jnp.int32(0), tokens, jnp.int32(PREFIX_TOKENS),
+                                     jnp.int32(15), None, cfg=cfg)
+        return logits
+
+    with_copy, without = timed(copy_prefill), timed(plain_prefill)
+    kv_bytes = 2 * cfg.num_hidden_layers * slots * max_len * K * D * 4
+    return {"slots": slots, "max_len": max_len, "page": page, "decode_step_contiguous_s": contiguous,
+            "paged_gather_overhead_per_step_s": max(0.0, gather), "prefix_copy_1000_s": max(0.0, with_copy - without),
+            "kv_cache_bytes": kv_bytes}
+
+
+# ------------------------------------------------------------------------------------------ prefix
+def bench_prefix(lm, max_len: int, reps: int = 3) -> dict:
+    from spiritlm_jax.serve.engine import Engine, Request
+
+    rng = np.random.default_rng(1)
+    eng = Engine(lm.cfg, lm.params, slots=2, max_len=max_len, eos_id=-1, prefix_block=16)
+
+    def prompt(prefix):
+        return prefix + rng.integers(3, 32000, size=24).tolist()
+
+    def ttft(p):
+        r = Request(p, 1)
+        t = time.perf_counter()
+        eng.run_to_completion([r])
+        return r.first_token_at - t
+
+    warm_prefix = [1] + rng.integers(3, 32000, size=PREFIX_TOKENS - 1).tolist()
+    ttft(prompt(warm_prefix))  # compiles the full-length prefill
+    ttft(prompt(warm_prefix))  # compiles the suffix-after-prefix prefill
+    cold, warm = [], []
+    for _ in range(reps):
+        prefix = [1] + rng.integers(3, 32000, size=PREFIX_TOKENS - 1).tolist()
+        cold.append(ttft(prompt(prefix)))  # nothing cached for this prefix
+        warm.append(ttft(prompt(prefix)))  # the same 1,000 tokens, a different suffix
+    c, w = statistics.median(cold), statistics.median(warm)
+    return {"prefix_tokens": PREFIX_TOKENS, "suffix_tokens": 24, "ttft_cold_s": c, "ttft_cached_s": w,
+            "ratio": w / c, "target": 0.20}
+
+
+# ------------------------------------------------------------------------------------------ load
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(lm, slots: int, max_len: int):
+    import uvicorn
+
+    from spiritlm_jax.serve.app import Service, ServeOptions, build_app
+    from spiritlm_jax.serve.engine import Engine, Request
+
+    engine = Engine(lm.cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1)
+    engine.run_to_completion([Request([1] * 8, 2)])
+    service = Service(lm, engine, ServeOptions(model_name="bench", audio_chunk_frames=16))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    return base, server, thread, service
+
+
+def workload(n: int, seed: int, max_tokens: int, shared_prefix: list[int]) -> list[dict]:
+    """n requests: 50% text, 25% few-shot (shared 1,000-token prefix), 25% speech out."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        kind = ("text", "text", "fewshot", "speech")[i % 4]
+        if kind == "text":
+            ids = [1] + rng.integers(3, 32000, size=int(rng.integers(16, 96))).tolist()
+        elif kind == "fewshot":
+            ids = shared_prefix + rng.integers(3, 32000, size=int(rng.integers(8, 24))).tolist()
+        else:
+            units = "".join(f"[Hu{u}]" for u in rng.integers(0, 500, size=int(rng.integers(20, 60))))
+            out.append({"kind": kind, "id": i, "prompt": "[Speech]" + units, "max_tokens": max_tokens})
+            continue
+        out.append({"kind": kind, "id": i, "prompt_ids": ids, "max_tokens": max_tokens})
+    return out
+
+
+def send(base: str, item: dict) -> dict:
+    """One streamed request; returns its measurements (never raises)."""
+    t0 = time.perf_counter()
+    rec = {"id": item["id"], "kind": item["kind"], "ok": False, "tokens": 0, "ttft": None, "ttfa": None}
+    try:
+        if item["kind"] == "speech":
+            body = {"model": "bench", "prompt": item["prompt"], "output_modality": "speech",
+                    "max_new_tokens": item["max_tokens"], "stream": True}
+            path = "/v1/spiritlm/generate"
+        else:
+            body = {"model": "bench", "prompt": item["prompt_ids"], "max_tokens": item["max_tokens"],
+                    "temperature": 0, "stream": True}
+            path = "/v1/completions"
+        req = urllib.request.Request(base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                line = line.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                now = time.perf_counter() - t0
+                if item["kind"] == "speech":
+                    if ev["type"] == "audio" and rec["ttfa"] is None:
+                        rec["ttfa"] = now
+                    if ev["type"] == "done":
+                        rec["tokens"] = ev["token_ids_count"]
+                        rec["ok"] = ev["finish_reason"] in ("length", "stop")
+                else:
+                    if rec["ttft"] is None:
+                        rec["ttft"] = now
+                    if ev["choices"] and ev["choices"][0]["finish_reason"]:
+                        rec["ok"] = True
+            if item["kind"] != "speech":
+                rec["tokens"] = item["max_tokens"]  # greedy with eos_id=-1: always max_tokens
+    except Exception as e:  # recorded as a failure
+        rec["error"] = f"{type(e).__name__}: {e}"
+    rec["latency"] = time.perf_counter() - t0
+    return rec
+
+
+def run_clients(base: str, items: list[dict], clients: int, rate_per_client: float, seed: int,
+                time_limit: float) -> dict:
+    """``clients`` threads share the request list; each waits an exponential gap (Poisson arrivals)."""
+    queue = list(items)
+    lock = threading.Lock()
+    results = []
+    deadline = time.monotonic() + time_limit
+
+    def client(k):
+        local = np.random.default_rng([seed, k])
+        while time.monotonic() < deadline:
+            if rate_per_client > 0:
+                time.sleep(float(local.exponential(1.0 / rate_per_client)))
+            with lock:
+                if not queue:
+                    return
+                item = queue.pop(0)
+            rec = send(base, item)
+            with lock:
+                results.append(rec)
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    wall = time.perf_counter() - t
+    ids = [r["id"] for r in results]
+    tokens = sum(r["tokens"] for r in results if r["ok"])
+
+    def pct(xs, q):
+        xs = sorted(x for x in xs if x is not None)
+        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None
+
+    ttft = [r["ttft"] for r in results]
+    ttfa = [r["ttfa"] for r in results]
+    return {"clients": clients, "requests": len(items), "finished": len(results),
+            "lost": len(items) - len(set(ids)), "duplicated": len(ids) - len(set(ids)),
+            "failed": sum(not r["ok"] for r in results), "wall_s": wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+            "ttfa_p50": pct(ttfa, 0.5), "ttfa_p99": pct(ttfa, 0.99),
+            "errors": [r.get("error") for r in results if r.get("error")][:3]}
+
+
+def hf_sequential(hf, lm, items: list[dict], max_tokens: int) -> dict:
+    import torch
+
+    t = time.perf_counter()
+    tokens = 0
+    with torch.no_grad():
+        for it in items:
+            ids = it.get("prompt_ids") or lm.tokenizer.encode(it["prompt"])
+            x = torch.tensor([ids])
+            hf.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                        attention_mask=torch.ones_like(x))
+            tokens += max_tokens
+    wall = time.perf_counter() - t
+    return {"requests": len(items), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="layout,prefix,load")
+    ap.add_argument("--clients", default="1,4,16,32")
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=1152)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=32, help="requests per client count (at least the clients)")
+    ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate per client (requests/s)")
+    ap.add_argument("--time-limit", type=float, default=600.0, help="per client count, seconds")
+    ap.add_argument("--hf-requests", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="clients 1,4; 8 requests; no HF run")
+    ap.add_argument("--out", default=None, help="write the results JSON here")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.clients, a.requests, a.hf_requests = "1,4", 8, 0
+
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "float32")
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
+               "load_average_start": load_average()}
+    print(f"machine: {results['machine']}; load average {results['load_average_start']}", flush=True)
+    lm, hf, n_params = build_model()
+    print(f"model: {n_params / 1e6:.1f} M params, slots {a.slots} x {a.max_len} positions", flush=True)
+    parts = set(a.parts.split(","))
+    if "layout" in parts:
+        r = results["layout"] = bench_layout(lm, a.slots, a.max_len)
+        print(f"layout: decode step (contiguous, {a.slots} slots x {a.max_len}) {r['decode_step_contiguous_s'] * 1e3:.1f} ms; "
+              f"a paged cache's extra gather per step {r['paged_gather_overhead_per_step_s'] * 1e3:.1f} ms; copying a cached "
+              f"1,000-token prefix into a slot {r['prefix_copy_1000_s'] * 1e3:.2f} ms once per request "
+              f"(load {load_average()})", flush=True)
+    if "prefix" in parts:
+        r = results["prefix"] = bench_prefix(lm, a.max_len)
+        print(f"prefix: TTFT cold {r['ttft_cold_s'] * 1e3:.0f} ms, cached 1,000-token prefix {r['ttft_cached_s'] * 1e3:.0f} ms "
+              f"-> {r['ratio']:.1%} of cold (target <= 20%) (load {load_average()})", flush=True)
+    if "load" in parts:
+        base, server, thread, service = start_server(lm, a.slots, a.max_len)
+        rng = np.random.default_rng(7)
+        shared = [1] + rng.integers(3, 32000, size=PREFIX_TOKENS - 1).tolist()
+        rows = []
+        for n in [int(x) for x in a.clients.split(",")]:
+            items = workload(max(n, a.requests), seed=n, max_tokens=a.max_tokens, shared_prefix=shared)
+            row = run_clients(base, items, n, a.rate, seed=n, time_limit=a.time_limit)
+            row["load_average"] = load_average()
+            rows.append(row)
+            print(f"clients {n:2d}: {row['tokens_per_s']:.1f} tok/s, TTFT p50/p99 {row['ttft_p50']}/{row['ttft_p99']} s, "
+                  f"TTFA p50/p99 {row['ttfa_p50']}/{row['ttfa_p99']} s, lost {row['lost']} failed {row['failed']} "
+                  f"dup {row['duplicated']} (load {row['load_average']})", flush=True)
+        items = workload(a.requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
+        seq = run_clients(base, items, 1, 0.0, seed=0, time_limit=a.time_limit)
+        seq["load_average"] = load_average()
+        pe = service.engine.prefix
+        results["load"] = {"rows": rows, "sequential_ours": seq,
+                           "prefix_cache_hit_rate": pe.hit_tokens / max(1, pe.prompt_tokens)}
+        print(f"sequential (ours, one at a time): {seq['tokens_per_s']:.1f} tok/s; prefix-cache token hit rate "
+              f"{results['load']['prefix_cache_hit_rate']:.1%}", flush=True)
+        by_n = {r["clients"]: r for r in rows}
+        if 16 in by_n:
+            results["load"]["speedup_16_vs_sequential"] = by_n[16]["tokens_per_s"] / seq["tokens_per_s"]
+            print(f"16 clients / sequential: {results['load']['speedup_16_vs_sequential']:.2f}x (target >= 4x)")
+        server.should_exit = True
+        thread.join(timeout=60)
+        if a.hf_requests:
+            hf_items = workload(a.hf_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
+            results["load"]["sequential_hf"] = h = hf_sequential(hf, lm, hf_items, a.max_tokens)
+            h["load_average"] = load_average()
+            print(f"sequential (HF transformers generate): {h['tokens_per_s']:.1f} tok/s (load {h['load_average']})")
+    results["load_average_end"] = load_average()
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
