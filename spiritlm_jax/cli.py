@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("spiritlm_jax.infer.demo", "tiny random-weight end-to-end demo (no checkpoints needed)"),
     "prepare": ("spiritlm_jax.train.prepare_cli", "prepare a training corpus (Apache Beam / TFDS ArrayRecord)"),
     "train": ("spiritlm_jax.train.cli", "train or fine-tune Spirit LM"),
+    "train-quantizer": ("spiritlm_jax.train.quantizer_cli", "train a k-means speech-unit quantizer on a corpus (JAX)"),
     "eval": ("spiritlm_jax.evaluation.cli", "evaluation harness"),
     "serve": ("spiritlm_jax.serve.cli", "OpenAI-compatible speech+text HTTP server (continuous batching, streaming)"),
 }

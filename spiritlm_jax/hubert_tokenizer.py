@@ -25,6 +25,7 @@ from spiritlm_jax.audio import AudioError, chunk_audio, load_audio
 from spiritlm_jax.models.hubert import SpeechEncoder, SpeechEncoderConfig
 from spiritlm_jax.models.quantizer import (KmeansConfig, KmeansQuantizer, LinearQuantizer, LinearQuantizerConfig,
                                            fill_blanks, logits_to_raw_units)
+from spiritlm_jax.unit_features import KMEANS_CONFIG, FeatureSpec, read_kmeans_dir, select_features
 
 HUBERT_MAX_CHUNK = 100 * 16_000  # the original HubertTokenizer's defaults
 HUBERT_MIN_CHUNK = 400
@@ -125,8 +126,11 @@ class HubertTokenizer:
                  quantizer_cfg: LinearQuantizerConfig | KmeansConfig, quantizer_params: Any, *,
                  hubert_layer: int | None = None, max_chunk: int = HUBERT_MAX_CHUNK, min_chunk: int = HUBERT_MIN_CHUNK,
                  mesh: Mesh | None = None, bucket_samples: int = 16_000, max_batch_samples: int = 1_600_000,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, features: FeatureSpec | None = None):
         self.cfg = encoder_cfg
+        # What the quantizer reads (unit_features.py): the encoder output (default) or, for a k-means
+        # quantizer trained by `train-quantizer`, conv or log-mel frames on the encoder's framing.
+        self.features = features if features is not None else FeatureSpec("hubert")
         self.hubert_layer = hubert_layer if hubert_layer is not None else encoder_cfg.layers_run
         self.qcfg = quantizer_cfg
         self.is_linear = isinstance(quantizer_cfg, LinearQuantizerConfig)
@@ -139,10 +143,11 @@ class HubertTokenizer:
         self._quant = quant
         self._qparams = quantizer_params
         is_linear = self.is_linear
+        spec = self.features
 
         def forward(params, wav, lengths):
             out = encoder.apply({"params": params["encoder"]}, wav, lengths)
-            feats = out["features"].astype(jnp.float32)
+            feats = select_features(spec, out, wav, lengths, encoder_cfg)
             q = quant.apply({"params": params["quantizer"]}, feats)
             raw = logits_to_raw_units(q) if is_linear else q
             return {"features": feats, "frame_lengths": out["frame_lengths"], "raw_units": raw,
@@ -178,13 +183,35 @@ class HubertTokenizer:
         return cls(ecfg, eparams, qcfg, qparams, hubert_layer=hubert_layer, **kw)
 
     @classmethod
+    def from_kmeans(cls, hubert_ckpt: str | os.PathLike, kmeans_dir: str | os.PathLike, *,
+                    allow_classes: Sequence[str] = (), **kw) -> "HubertTokenizer":
+        """HuBERT + a k-means quantizer folder written by ``spiritlm-jax train-quantizer`` (``kmeans.json``
+        + ``centers.npy``; the features it was trained on are read from ``kmeans.json``)."""
+        from spiritlm_jax.converters.hubert import convert_hubert
+
+        centers, spec, _ = read_kmeans_dir(kmeans_dir)
+        layer = spec.layer if spec.layer is not None else 11
+        ecfg, eparams = convert_hubert(hubert_ckpt, output_layer=layer, allow_classes=allow_classes)
+        if centers.shape[1] != spec.dim(ecfg):
+            from spiritlm_jax.converters.torch_io import CheckpointError
+
+            raise CheckpointError(f"{kmeans_dir}: the centres are {centers.shape[1]}-d but {spec.kind} features of "
+                                  f"{hubert_ckpt} are {spec.dim(ecfg)}-d: the quantizer was trained on another encoder")
+        qcfg = KmeansConfig(n_clusters=int(centers.shape[0]), dim=int(centers.shape[1]))
+        return cls(ecfg, eparams, qcfg, {"centers": centers}, hubert_layer=layer, features=spec, **kw)
+
+    @classmethod
     def from_checkpoint_dir(cls, path: str | os.PathLike, **kw) -> "HubertTokenizer":
         """``path`` = the ``speech_tokenizer`` folder or its ``hubert_25hz`` sub-folder, converted
-        (``spiritlm-jax convert all``: read without torch) or original (converted on the fly; needs torch)."""
+        (``spiritlm-jax convert all``: read without torch) or original (converted on the fly; needs torch).
+        A folder holding a k-means quantizer trained by ``train-quantizer`` (``kmeans.json``) uses it
+        instead of ``L11_quantizer_500.pt``."""
         from spiritlm_jax import model_dir
 
         p = Path(path)
         d = p / "hubert_25hz" if (p / "hubert_25hz").is_dir() else p
+        if (d / KMEANS_CONFIG).is_file():
+            return cls.from_kmeans(d / "mhubert_base_25hz.pt", d, **kw)
         if model_dir.is_converted(d):
             return cls.from_model_dir(d, **kw)
         model_dir.original_needs_torch(d, "the HuBERT and quantizer .pt files")
