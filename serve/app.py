@@ -20,7 +20,6 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
 
 import anyio
 import numpy as np
