@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spiritlm_jax.buckets import bucket_length  # noqa: F401  (re-exported: the one bucketing rule)
 from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.models.llama import Llama
 
@@ -49,16 +50,6 @@ class Scores:
         if normalization == "sum":
             return self.sum_logprob
         raise ScoringError(f"unknown normalisation {normalization!r}: use 'mean' (token-normalised) or 'sum'")
-
-
-def bucket_length(n: int, base: int = 16) -> int:
-    """Round up to a multiple of ``base`` times a power of two, in steps of a quarter of that power
-    above 4 buckets (few distinct compiled shapes, at most ~25% padding)."""
-    if n <= base:
-        return base
-    p = 1 << math.ceil(math.log2(n / base))
-    step = base * max(1, p // 4)
-    return int(math.ceil(n / step) * step)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -18,7 +18,6 @@ JAX's RNG cannot reproduce torch's sampling stream; only the distributions match
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from spiritlm_jax.buckets import bucket_length
 from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.infer import processors
 from spiritlm_jax.models.llama import Llama, init_cache
@@ -41,16 +41,6 @@ def process_logits(logits: jax.Array, banned: jax.Array, s: SamplingConfig) -> j
     p = jax.tree.map(jnp.asarray, processors.row_params([s] * B, [-1], {}))
     x = jnp.where(banned, -jnp.inf, logits)
     return processors.warp(x, p, processors.flags_for([s], V)) if s.do_sample else x
-
-
-def _bucket(n: int, base: int = 16) -> int:
-    """Round up to a multiple of ``base`` times a power of two (few distinct compiled shapes)."""
-    if n <= base:
-        return base
-    p = 1 << math.ceil(math.log2(n / base))
-    # finer steps above 4 buckets: multiples of base * p/4
-    step = base * max(1, p // 4)
-    return int(math.ceil(n / step) * step)
 
 
 ERR_NONFINITE, ERR_NOTHING_LEFT = 1, 2
@@ -198,14 +188,14 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]],
     rows = processors.row_params(configs, eos_default, {s: i for i, s in enumerate(stop_strings)})
     flags = processors.flags_for(configs, V)
     n_real = max(c.max_new_tokens for c in configs)
-    n_max = _bucket(n_real)  # the output buffer's static length; rows stop at their own max_new_tokens
+    n_max = bucket_length(n_real)  # the output buffer's static length; rows stop at their own max_new_tokens
 
     B = len(prompts)
-    P = _bucket(int(lengths.max()))
+    P = bucket_length(int(lengths.max()))
     tokens = np.full((B, P), pad_id, np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    S = min(_bucket(P + n_real), max(ctx, P + n_real))
+    S = min(bucket_length(P + n_real), max(ctx, P + n_real))
     S = max(S, int(lengths.max()) + n_real)
     tokens_j, lengths_j, banned_j = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(banned)
     rows_j = jax.tree.map(jnp.asarray, rows)

@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from spiritlm_jax.models.layers import DEFAULT_PRECISION, PRECISIONS
+
 
 class ConfigError(ValueError):
     """A config file holds a value we do not support (or a wrong one)."""
@@ -39,6 +41,9 @@ class LlamaConfig:
       scan_layers  stack the layers under ``nn.scan`` (params get a leading ``layers`` axis; compile
                    time independent of depth) or unroll them (``layers_0`` … ``layers_{L-1}``)
       remat        activation-checkpointing policy for training: "none", "full", "dots" (save matmuls)
+      precision    matmul precision of every contraction, applied inside the model whatever the
+                   process's jax_default_matmul_precision: "float32" (default: true fp32, what gives
+                   the original's greedy ids), "tensorfloat32" or "bfloat16" (faster passes on GPU/TPU)
     """
 
     vocab_size: int = 32000
@@ -59,6 +64,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_hidden_layers <= 0 or self.vocab_size <= 0:
@@ -79,6 +85,8 @@ class LlamaConfig:
             raise ConfigError(f"head_dim ({self.head_dim_}) must be even for rotary embeddings")
         dtype_of(self.dtype)
         dtype_of(self.param_dtype)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spiritlm_jax.buckets import bucket_length  # noqa: F401  (re-exported: the one bucketing rule)
 from spiritlm_jax.models.hifigan import CodeHifiGAN, HifiGANConfig
 
 
@@ -82,19 +83,6 @@ def read_names(p: Path) -> list[str] | None:
     if not p.exists():
         return None
     return [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Padded length for n: multiples of 16 up to 64, then ~2^(1/4) geometric steps rounded up to
-    a multiple of 16 (at most ~19% padding, a handful of compiled shapes per decade)."""
-    if n <= minimum:
-        return minimum
-    if n <= 64:
-        return -(-n // 16) * 16
-    b = 64
-    while b < n:
-        b = -(-int(math.ceil(b * 2 ** 0.25)) // 16) * 16
-    return b
 
 
 def _as_int_array(x, name: str) -> np.ndarray:

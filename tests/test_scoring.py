@@ -118,11 +118,3 @@ def test_bad_inputs(lm):
         scoring.score_continuations(lm.cfg, lm.params, [[1] * lm.cfg.max_position_embeddings], [[5]])
     with pytest.raises(scoring.ScoringError, match="normalisation"):
         scoring.score_continuations(lm.cfg, lm.params, [[1]], [[5]]).get("median")
-
-
-def test_bucket_length():
-    # 16 * 2^k rounded in steps of a quarter of the power (16, 32, 48, 64, 96, 128, 160, 192, 256, ...)
-    assert [scoring.bucket_length(n) for n in (1, 16, 17, 33, 65, 100, 130)] == [16, 16, 32, 48, 96, 128, 192]
-    for n in range(1, 3000, 7):
-        b = scoring.bucket_length(n)
-        assert n <= b < max(2 * n, 17)

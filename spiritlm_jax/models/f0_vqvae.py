@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from spiritlm_jax.models.layers import DEFAULT_PRECISION, Conv1d, check_precision, precision_scope, with_precision
 
 FEATURES = ("f0_interp,vuv", "f0,vuv", "norm_f0_interp,vuv", "norm_f0,vuv")
 
@@ -72,6 +72,12 @@ class F0VQVAEConfig:
     vq_levels: int
     features: str
     speaker_norm: bool = False
+    # run-time, not from config.yaml: matmul/conv precision (models/layers.py); the default
+    # reproduces the original's pitch codes on every backend
+    precision: str = DEFAULT_PRECISION
+
+    def __post_init__(self):
+        check_precision(self.precision, "F0VQVAEConfig")
 
     @property
     def normalize(self) -> bool:
@@ -149,38 +155,6 @@ def normalize_f0(f0: jax.Array, vuv: jax.Array, valid: jax.Array, normalize: boo
 # Modules
 # ----------------------------------------------------------------------------------------------
 
-class Conv(nn.Module):
-    features: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-    dilation: int = 1
-    transpose: bool = False  # torch ConvTranspose1d(k, stride, padding) semantics
-
-    @nn.compact
-    def __call__(self, x):
-        cin = x.shape[-1]
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                   ("conv_kernel", "conv_in", "conv_out")),
-                            (self.kernel_size, cin, self.features), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                          (self.features,), jnp.float32)
-        if self.transpose:
-            # kernel stored as torch's (in, out, k) transposed to (k, in, out); flipped for the
-            # equivalent dilated correlation
-            q = self.kernel_size - 1 - self.padding
-            y = jax.lax.conv_general_dilated(
-                x, kernel[::-1], window_strides=(1,), padding=[(q, q)], lhs_dilation=(self.stride,),
-                dimension_numbers=("NWC", "WIO", "NWC"), precision=HIGHEST)
-        elif self.kernel_size == 1 and self.stride == 1:
-            y = jnp.einsum("btc,cd->btd", x, kernel[0], precision=HIGHEST)
-        else:
-            y = jax.lax.conv_general_dilated(
-                x, kernel, window_strides=(self.stride,), padding=[(self.padding, self.padding)],
-                rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"), precision=HIGHEST)
-        return y + bias
-
-
 def _mask(lengths, T):
     if lengths is None:
         return None
@@ -202,9 +176,9 @@ class ResStack(nn.Module):
         c = self.cfg
         for j, d in enumerate(c.dilations(self.reverse)):
             h = jax.nn.relu(x)
-            h = Conv(c.n_state, 3, padding=d, dilation=d, name=f"block_{j}_conv3")(h)
+            h = Conv1d(c.n_state, 3, padding=d, dilation=d, name=f"block_{j}_conv3")(h)
             h = jax.nn.relu(h)
-            h = Conv(x.shape[-1], 1, name=f"block_{j}_conv1")(h)
+            h = Conv1d(x.shape[-1], 1, name=f"block_{j}_conv1")(h)
             x = _apply_mask(x + c.res_factor * h, m)
         return x
 
@@ -213,21 +187,23 @@ class Encoder(nn.Module):
     """Returns the list of per-level encodings (each (B, T_l, output_emb_width)) and their lengths."""
 
     cfg: ConvStackConfig
+    precision: str = DEFAULT_PRECISION
 
     @nn.compact
+    @with_precision(lambda m: m.precision)
     def __call__(self, x, lengths=None):
         c = self.cfg
         xs, ls = [], []
         for level in range(c.levels):
             s, D = c.strides_t[level], c.downs_t[level]
             for i in range(D):
-                x = Conv(c.width, 2 * s, stride=s, padding=s // 2, name=f"level{level}_down{i}")(x)
+                x = Conv1d(c.width, 2 * s, stride=s, padding=s // 2, name=f"level{level}_down{i}")(x)
                 if lengths is not None:
                     lengths = lengths // s
                 m = _mask(lengths, x.shape[1])
                 x = _apply_mask(x, m)
                 x = ResStack(c, name=f"level{level}_res{i}")(x, m)
-            x = Conv(c.output_emb_width, 3, padding=1, name=f"level{level}_out")(x)
+            x = Conv1d(c.output_emb_width, 3, padding=1, name=f"level{level}_out")(x)
             x = _apply_mask(x, _mask(lengths, x.shape[1]))
             xs.append(x)
             ls.append(lengths)
@@ -236,21 +212,23 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     cfg: ConvStackConfig
+    precision: str = DEFAULT_PRECISION
 
     @nn.compact
+    @with_precision(lambda m: m.precision)
     def __call__(self, xs: Sequence[jax.Array]):
         c = self.cfg
         x = xs[-1]
         for level in reversed(range(c.levels)):
             s, D = c.strides_t[level], c.downs_t[level]
-            x = Conv(c.width, 3, padding=1, name=f"level{level}_in")(x)
+            x = Conv1d(c.width, 3, padding=1, name=f"level{level}_in")(x)
             for i in range(D):
                 x = ResStack(c, reverse=c.reverse_decoder_dilation, name=f"level{level}_res{i}")(x, None)
                 out = c.output_emb_width if i == D - 1 else c.width
-                x = Conv(out, 2 * s, stride=s, padding=s // 2, transpose=True, name=f"level{level}_up{i}")(x)
+                x = Conv1d(out, 2 * s, stride=s, padding=s // 2, transpose=True, name=f"level{level}_up{i}")(x)
             if level != 0:
                 x = x + xs[level - 1]
-        return Conv(c.input_emb_width, 3, padding=1, name="out")(x)
+        return Conv1d(c.input_emb_width, 3, padding=1, name="out")(x)
 
 
 def quantise(z: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -259,30 +237,32 @@ def quantise(z: jax.Array, codebook: jax.Array) -> jax.Array:
     if z.shape[-1] == 2 * emb:
         z = z[..., :emb] + z[..., emb:]
     d = (jnp.sum(z ** 2, axis=-1, keepdims=True)
-         - 2 * jnp.einsum("btc,kc->btk", z, codebook, precision=HIGHEST)
+         - 2 * jnp.einsum("btc,kc->btk", z, codebook)
          + jnp.sum(codebook.T ** 2, axis=0)[None, None, :])
     return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
 
 def encode(params, cfg: F0VQVAEConfig, x: jax.Array, lengths: jax.Array | None = None):
     """(B, T, 2) [f0, vuv] → (level-0 codes (B, T//stride), level-0 latent, code lengths)."""
-    xs, ls = Encoder(cfg.encoder).apply({"params": params["encoder"]}, x, lengths)
-    codes = quantise(xs[0], params["codebook"][0])
+    xs, ls = Encoder(cfg.encoder, cfg.precision).apply({"params": params["encoder"]}, x, lengths)
+    with precision_scope(cfg.precision):
+        codes = quantise(xs[0], params["codebook"][0])
     return codes, xs[0], ls[0]
 
 
 def reconstruct(params, cfg: F0VQVAEConfig, x: jax.Array):
     """The decoder output of ``VQVAE.forward(x, compute_pred=True)``: (B, T', 2), T' = codes·stride."""
-    xs, _ = Encoder(cfg.encoder).apply({"params": params["encoder"]}, x)
+    xs, _ = Encoder(cfg.encoder, cfg.precision).apply({"params": params["encoder"]}, x)
     zq = []
     for level, z in enumerate(xs):
         cb = params["codebook"][level]
         emb = cb.shape[1]
-        codes = quantise(z, cb)
+        with precision_scope(cfg.precision):
+            codes = quantise(z, cb)
         zz = z[..., :emb] + z[..., emb:] if z.shape[-1] == 2 * emb else z
         xd = cb[codes]
         zq.append(zz + (xd - zz))  # straight-through pass, same float rounding as the original
-    return Decoder(cfg.decoder).apply({"params": params["decoder"]}, zq)
+    return Decoder(cfg.decoder, cfg.precision).apply({"params": params["decoder"]}, zq)
 
 
 def init_params(cfg: F0VQVAEConfig, seed: int = 0):

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from spiritlm_jax.models.layers import DEFAULT_PRECISION, Conv1d, check_precision, precision_scope, with_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,11 @@ class FCPEConfig:
     f0_min: float = 50.0
     f0_max: float = 1100.0
     out_hop: int = 80  # F0 frames of the output: N // out_hop + 1 (200 Hz)
+    # run-time: matmul/conv precision (models/layers.py); the default reproduces the original's F0
+    precision: str = DEFAULT_PRECISION
+
+    def __post_init__(self):
+        check_precision(self.precision, "FCPEConfig")
 
     @classmethod
     def from_torchfcpe(cls, config_dict: Mapping[str, Any], **overrides) -> "FCPEConfig":
@@ -152,7 +157,8 @@ def log_mel(wav: jax.Array, lengths: jax.Array, consts: Mapping[str, jax.Array],
     frames = jnp.concatenate([rows[:, j:j + T] for j in range(k)], axis=-1)[..., :n_fft]  # (B, T, n_fft)
     spec = jnp.fft.rfft(frames * consts["window"], n=n_fft, axis=-1)
     mag = jnp.sqrt(jnp.real(spec) ** 2 + jnp.imag(spec) ** 2 + 1e-9)
-    mel = jnp.einsum("btf,mf->btm", mag, consts["mel_basis"], precision=HIGHEST)
+    with precision_scope(cfg.precision):
+        mel = jnp.einsum("btf,mf->btm", mag, consts["mel_basis"])  # (B, T, F) x (M, F)
     logmel = jnp.log(jnp.maximum(mel, cfg.clip_val))
     # STFT frames the original computes for this row; when fewer than len//hop + 1 it appends ONE
     # copy of the last frame (more is impossible at these sizes: it truncates).
@@ -170,39 +176,6 @@ def frame_mask(lengths: jax.Array, T: int, hop: int) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # The network (CFNaiveMelPE, conv-only)
 # ----------------------------------------------------------------------------------------------
-
-class Conv1d(nn.Module):
-    """Conv1d on time-major (B, T, C) with torch's 'same'-style symmetric zero padding."""
-
-    features: int
-    kernel_size: int
-    padding: int = 0
-    groups: int = 1
-
-    @nn.compact
-    def __call__(self, x):
-        cin = x.shape[-1]
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                   ("conv_kernel", "conv_in", "conv_out")),
-                            (self.kernel_size, cin // self.groups, self.features), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                          (self.features,), jnp.float32)
-        if self.kernel_size == 1 and self.groups == 1:
-            y = jnp.einsum("btc,cd->btd", x, kernel[0], precision=HIGHEST)
-        elif self.groups == cin == self.features:
-            # depthwise: a fused sum of shifted products. XLA:CPU's grouped convolution runs ~15×
-            # slower on this shape (measured: 3.7 s vs 0.25 s for (16, 1001, 1024), k=31).
-            T = x.shape[1]
-            xp = jnp.pad(x, ((0, 0), (self.padding, self.padding), (0, 0)))
-            y = xp[:, 0:T] * kernel[0, 0]
-            for k in range(1, self.kernel_size):
-                y = y + xp[:, k:k + T] * kernel[k, 0]
-        else:
-            y = jax.lax.conv_general_dilated(
-                x, kernel, window_strides=(1,), padding=[(self.padding, self.padding)],
-                dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=self.groups, precision=HIGHEST)
-        return y + bias
-
 
 class LayerNorm(nn.Module):
     eps: float = 1e-5
@@ -262,6 +235,7 @@ class FCPENet(nn.Module):
     cfg: FCPEConfig
 
     @nn.compact
+    @with_precision(lambda m: m.cfg.precision)
     def __call__(self, mel, mask):
         cfg = self.cfg
         m = mask[..., None].astype(jnp.float32)

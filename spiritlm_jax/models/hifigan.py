@@ -15,9 +15,7 @@ Numerical details that matter (REFERENCE §13, items 25-32):
 * leaky-ReLU slope 0.1 in the stages and residual blocks, 0.01 (PyTorch's default) before
   ``conv_post``;
 * the residual blocks of a stage are averaged (sum / number of kernels);
-* transposed convs use padding ``(k-u)//2``; implemented here as an equivalent polyphase conv
-  (one ordinary conv producing ``u·C_out`` channels, then a reshape), which does no work on the
-  zeros a dilated-input formulation would multiply;
+* transposed convs use padding ``(k-u)//2`` (the shared polyphase ``layers.conv_transpose1d``);
 * durations ``max(1, round_half_even(exp(log_d) - 1))``; the duration predictor's second conv has
   padding 1 whatever its kernel size (so only kernel 3 keeps the length; others are refused).
 """
@@ -31,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from spiritlm_jax.models.layers import DEFAULT_PRECISION, Conv1d, check_precision, with_precision
 
 LRELU_SLOPE = 0.1  # every leaky ReLU of the stages and residual blocks
 LRELU_SLOPE_POST = 0.01  # the one before conv_post: F.leaky_relu's default (REFERENCE §7.4 step 3)
@@ -58,6 +58,12 @@ class HifiGANConfig:
     hubert_to_style: int = 0
     dur_hidden: int = 0  # 0: no duration predictor
     dur_kernel: int = 3
+    # run-time, not from the checkpoint: matmul/conv precision (models/layers.py); the default
+    # reproduces the original's durations and waveform on every backend
+    precision: str = DEFAULT_PRECISION
+
+    def __post_init__(self):
+        check_precision(self.precision, "HifiGANConfig")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -177,67 +183,6 @@ def _leaky(x, slope):
     return jnp.where(x >= 0, x, x * slope)
 
 
-class Conv1d(nn.Module):
-    """Conv1d with explicit symmetric padding and dilation; kernel (k, C_in, C_out)."""
-
-    features: int
-    kernel_size: int
-    dilation: int = 1
-    padding: int | tuple[int, int] = 0
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_kernel", "conv_in", "conv_out")),
-            (self.kernel_size, x.shape[-1], self.features),
-        )
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (self.features,))
-        pad = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
-        y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), window_strides=(1,), padding=[pad], rhs_dilation=(self.dilation,),
-            dimension_numbers=("NWC", "WIO", "NWC"),
-        )
-        return y + bias.astype(x.dtype)
-
-
-class ConvTranspose1d(nn.Module):
-    """PyTorch ConvTranspose1d(stride u, padding p, no output padding) with kernel stored as
-    (k, C_in, C_out) (= torch weight (C_in, C_out, k) with the tap axis moved first).
-
-    Polyphase form: with A = ceil(k/u) and the kernel zero-padded to A·u taps,
-    ``z[q·u + r] = Σ_a x[q − a] · w[r + a·u]`` is one ordinary conv of x (left-padded by A−1)
-    with an (A, C_in, u·C_out) kernel; the output is ``y[n] = z[n + p]``."""
-
-    features: int
-    kernel_size: int
-    stride: int
-    padding: int
-
-    @nn.compact
-    def __call__(self, x):
-        k, u, p = self.kernel_size, self.stride, self.padding
-        cin = x.shape[-1]
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_kernel", "conv_in", "conv_out")),
-            (k, cin, self.features),
-        )
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (self.features,))
-        a_taps = -(-k // u)
-        w = jnp.pad(kernel.astype(x.dtype), ((0, a_taps * u - k), (0, 0), (0, 0)))
-        w = w.reshape(a_taps, u, cin, self.features)[::-1]  # tap t <-> a = A-1-t
-        w = w.transpose(0, 2, 1, 3).reshape(a_taps, cin, u * self.features)
-        length = x.shape[1]
-        n_out = length * u
-        q = (n_out - 1 + p) // u + 1  # z positions needed
-        right = max(0, q - length)
-        z = jax.lax.conv_general_dilated(
-            x, w, window_strides=(1,), padding=[(a_taps - 1, right)], dimension_numbers=("NWC", "WIO", "NWC"))
-        z = z[:, :q].reshape(x.shape[0], q * u, self.features)
-        return z[:, p:p + n_out] + bias.astype(x.dtype)
-
-
 class ResBlock(nn.Module):
     """HiFi-GAN "type 1" residual block (3 dilated convs, each followed by a dilation-1 conv)."""
 
@@ -250,9 +195,9 @@ class ResBlock(nn.Module):
         k = self.kernel_size
         for m, d in enumerate(self.dilations):
             t = _leaky(x, LRELU_SLOPE) * mask
-            t = Conv1d(self.channels, k, d, (k * d - d) // 2, name=f"convs1_{m}")(t)
+            t = Conv1d(self.channels, k, dilation=d, padding=(k * d - d) // 2, name=f"convs1_{m}")(t)
             t = _leaky(t, LRELU_SLOPE) * mask
-            t = Conv1d(self.channels, k, 1, (k - 1) // 2, name=f"convs2_{m}")(t)
+            t = Conv1d(self.channels, k, padding=(k - 1) // 2, name=f"convs2_{m}")(t)
             x = x + t
         return x
 
@@ -280,9 +225,9 @@ class DurationPredictor(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         k = self.kernel_size
-        x = Conv1d(self.hidden, k, 1, (k - 1) // 2, name="conv1")(x * mask)
+        x = Conv1d(self.hidden, k, padding=(k - 1) // 2, name="conv1")(x * mask)
         x = nn.LayerNorm(epsilon=1e-5, name="ln1")(jax.nn.relu(x))
-        x = Conv1d(self.hidden, k, 1, 1, name="conv2")(x * mask)  # padding 1 whatever k (original)
+        x = Conv1d(self.hidden, k, padding=1, name="conv2")(x * mask)  # padding 1 whatever k (original)
         x = nn.LayerNorm(epsilon=1e-5, name="ln2")(jax.nn.relu(x))
         return nn.Dense(1, name="proj")(x)[..., 0]
 
@@ -317,9 +262,9 @@ class CodeHifiGAN(nn.Module):
             self.style = Embed(c.num_styles, c.embedding_dim)
         if c.has_dur_predictor:
             self.dur_predictor = DurationPredictor(c.dur_hidden, c.dur_kernel)
-        self.conv_pre = Conv1d(c.upsample_initial_channel, 7, 1, 3)
+        self.conv_pre = Conv1d(c.upsample_initial_channel, 7, padding=3)
         self.ups = [
-            ConvTranspose1d(c.channels(i), k, u, (k - u) // 2)
+            Conv1d(c.channels(i), k, stride=u, padding=(k - u) // 2, transpose=True)
             for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes))
         ]
         self.resblocks = [
@@ -327,8 +272,9 @@ class CodeHifiGAN(nn.Module):
             for i in range(len(c.upsample_rates))
             for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)
         ]
-        self.conv_post = Conv1d(1, 7, 1, 3)
+        self.conv_post = Conv1d(1, 7, padding=3)
 
+    @with_precision(lambda m: m.cfg.precision)
     def durations(self, codes, lengths):
         c = self.cfg
         if not c.has_dur_predictor:
@@ -360,6 +306,7 @@ class CodeHifiGAN(nn.Module):
             parts.append(jnp.broadcast_to(s, (s.shape[0], t, s.shape[2])))
         return jnp.concatenate(parts, axis=-1)
 
+    @with_precision(lambda m: m.cfg.precision)
     def generate(self, x, start, end):
         """Generator on conditioning (B, T, model_in_dim) → (B, T·hop)."""
         c = self.cfg

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spiritlm_jax.models.layers import DEFAULT_PRECISION, check_precision, conv1d, with_precision
+
 Array = jax.Array
 
 
@@ -108,8 +110,12 @@ class SpeechEncoderConfig:
     layer_norm_eps: float = 1e-5  # transformer / encoder / feature-projection LayerNorms
     conv_norm_eps: float = 1e-5  # GroupNorm / conv LayerNorm
     waveform_norm_eps: float = 1e-5
+    # run-time, not from the checkpoint: matmul/conv precision (models/layers.py); the default
+    # reproduces the original's units (HuBERT) and style units (wav2vec2) on every backend
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self):
+        check_precision(self.precision, "SpeechEncoderConfig")
         if self.extractor_mode not in ("default", "layer_norm"):
             raise EncoderConfigError(f"extractor_mode {self.extractor_mode!r} is not supported (default | layer_norm)")
         if self.encoder_ln not in ("before", "after", "none"):
@@ -293,14 +299,6 @@ def _masked_time_norm(x: Array, mask: Array, eps: float) -> Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _conv1d(x: Array, w: Array, stride: int = 1, padding: int = 0, groups: int = 1) -> Array:
-    """x (B, T, Cin), w (K, Cin/groups, Cout) → (B, T', Cout). Cross-correlation like torch."""
-    return jax.lax.conv_general_dilated(
-        x, w.astype(x.dtype), window_strides=(stride,), padding=[(padding, padding)],
-        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups,
-    )
-
-
 def _p(mod: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str | None, ...], init=None):
     init = init or nn.initializers.normal(0.02)
     return mod.param(name, nn.with_logical_partitioning(init, names), shape)
@@ -343,7 +341,7 @@ class FeatureExtractor(nn.Module):
         mask = None
         for i, (dim, k, s) in enumerate(cfg.conv_layers):
             w = _p(self, f"conv_{i}", (k, cin, dim), ("conv_kernel", "conv_in", "conv_out"))
-            x = _conv1d(x, w, stride=s)
+            x = conv1d(x, w, stride=s)
             if cfg.conv_bias:
                 x = x + _p(self, f"conv_{i}_bias", (dim,), ("conv_out",), nn.initializers.zeros).astype(x.dtype)
             L = jnp.where(L >= k, (L - k) // s + 1, 0)
@@ -446,6 +444,7 @@ class SpeechEncoder(nn.Module):
     dtype: Any = jnp.float32  # compute dtype (parameters are kept in float32)
 
     @nn.compact
+    @with_precision(lambda m: m.cfg.precision)
     def __call__(self, wav: Array, lengths: Array | None = None) -> dict[str, Array]:
         cfg = self.cfg
         wav = jnp.asarray(wav)
@@ -469,7 +468,7 @@ class SpeechEncoder(nn.Module):
         d, g, kpos = cfg.embed_dim, cfg.conv_pos_groups, cfg.conv_pos
         w = _p(self, "pos_conv_kernel", (kpos, d // g, d), ("conv_kernel", "conv_in", "conv_out"))
         b = _p(self, "pos_conv_bias", (d,), ("conv_out",), nn.initializers.zeros)
-        pos = _conv1d(h, w, padding=kpos // 2, groups=g) + b.astype(h.dtype)
+        pos = conv1d(h, w, padding=kpos // 2, groups=g) + b.astype(h.dtype)
         if kpos % 2 == 0:
             pos = pos[:, :-1]
         h = h + _ACTIVATIONS[cfg.activation](pos)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..config import LlamaConfig, dtype_of
+from .layers import with_precision
 
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -151,6 +152,7 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
+    @with_precision(lambda m: m.config.precision)
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
                  cache: Any = None, return_hidden: bool = False, logits_at: Array | None = None):
         """``logits_at`` (B,) int: compute logits only at that position of each row (→ (B, 1, V)); a

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spiritlm_jax.models.layers import DEFAULT_PRECISION, check_precision, with_precision
+
 Array = jax.Array
 
 # The original gives up after this many roll iterations.
@@ -33,6 +35,11 @@ class LinearQuantizerConfig:
     vocab_size: int  # units; blank id = vocab_size, logits = vocab_size + 1
     widths: tuple[int, ...]  # (dim, h1, h2, vocab_size + 1)
     negative_slope: float = 0.01  # torch LeakyReLU default
+    # run-time: matmul precision (models/layers.py); the default reproduces the original's units
+    precision: str = DEFAULT_PRECISION
+
+    def __post_init__(self):
+        check_precision(self.precision, "LinearQuantizerConfig")
 
     @property
     def blank_id(self) -> int:
@@ -54,6 +61,7 @@ class LinearQuantizer(nn.Module):
     cfg: LinearQuantizerConfig
 
     @nn.compact
+    @with_precision(lambda m: m.cfg.precision)
     def __call__(self, x: Array) -> Array:
         w = self.cfg.widths
         h = x.astype(jnp.float32)
@@ -110,6 +118,10 @@ def linear_quantize(params: Any, cfg: LinearQuantizerConfig, feats: Array, lengt
 class KmeansConfig:
     n_clusters: int
     dim: int
+    precision: str = DEFAULT_PRECISION  # as LinearQuantizerConfig.precision
+
+    def __post_init__(self):
+        check_precision(self.precision, "KmeansConfig")
 
 
 class KmeansQuantizer(nn.Module):
@@ -118,6 +130,7 @@ class KmeansQuantizer(nn.Module):
     cfg: KmeansConfig
 
     @nn.compact
+    @with_precision(lambda m: m.cfg.precision)
     def __call__(self, x: Array) -> Array:
         c = self.param("centers", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("codebook", "speech_embed")),
                        (self.cfg.n_clusters, self.cfg.dim))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spiritlm_jax.models.hubert import SpeechEncoder, SpeechEncoderConfig, _Dense
+from spiritlm_jax.models.layers import with_precision
 
 Array = jax.Array
 
@@ -87,6 +88,7 @@ class StyleEncoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
+    @with_precision(lambda m: m.cfg.encoder.precision)  # one setting: the body's
     def __call__(self, wav: Array, lengths: Array | None = None) -> dict[str, Array]:
         cfg = self.cfg
         body = SpeechEncoder(cfg.encoder, dtype=self.dtype, name="encoder")(wav, lengths)
