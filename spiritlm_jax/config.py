@@ -14,6 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from spiritlm_jax.models.attention import BACKENDS as ATTENTION_BACKENDS
 from spiritlm_jax.models.layers import DEFAULT_PRECISION, PRECISIONS
 
 
@@ -44,6 +45,10 @@ class LlamaConfig:
       precision    matmul precision of every contraction, applied inside the model whatever the
                    process's jax_default_matmul_precision: "float32" (default: true fp32, what gives
                    the original's greedy ids), "tensorfloat32" or "bfloat16" (faster passes on GPU/TPU)
+      attention    attention backend (models/attention.py): "auto" (splash on TPU, cudnn on GPU, xla
+                   elsewhere), "xla" (einsum, materialised scores), "chunked" (blockwise online
+                   softmax, any backend), "cudnn" (jax.nn.dot_product_attention), "splash" (TPU kernel)
+      attention_block  query/key block of "chunked" and "splash" (splash: a multiple of 128)
     """
 
     vocab_size: int = 32000
@@ -65,6 +70,8 @@ class LlamaConfig:
     scan_layers: bool = True
     remat: str = "none"
     precision: str = DEFAULT_PRECISION
+    attention: str = "auto"
+    attention_block: int = 512
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_hidden_layers <= 0 or self.vocab_size <= 0:
@@ -87,6 +94,10 @@ class LlamaConfig:
         dtype_of(self.param_dtype)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if self.attention_block < 1:
+            raise ConfigError(f"attention_block must be a positive number of tokens, got {self.attention_block}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
 

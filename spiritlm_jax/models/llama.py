@@ -30,10 +30,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..config import LlamaConfig, dtype_of
+from .attention import attend
 from .layers import with_precision
 
 Array = jax.Array
-NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 def _param(module: nn.Module, name: str, shape, names, init, cfg: LlamaConfig):
@@ -72,7 +72,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, positions: Array, cache: dict | None):
+    def __call__(self, x: Array, cos: Array, sin: Array, where: dict, positions: Array, cache: dict | None):
         cfg = self.config
         dt = dtype_of(cfg.dtype)
         E, H, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
@@ -96,13 +96,7 @@ class Attention(nn.Module):
             cache = {"k": upd(cache["k"], k, start), "v": upd(cache["v"], v, start)}
             k, v = cache["k"].astype(dt), cache["v"].astype(dt)
 
-        B, T = x.shape[:2]
-        G = H // K
-        qg = q.reshape(B, T, K, G, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (D ** -0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+        out = attend(q, k, v, where, cfg, full_sequence=cache is None)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bthd,hde->bte", out, wo), cache
 
@@ -128,10 +122,10 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, positions, cache):
+    def __call__(self, x, cos, sin, where, positions, cache):
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, cfg, name="attn_norm")(x)
-        a, cache = Attention(cfg, name="attn")(h, cos, sin, mask, positions, cache)
+        a, cache = Attention(cfg, name="attn")(h, cos, sin, where, positions, cache)
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, cfg, name="mlp_norm")(x)
         x = x + MLP(cfg, name="mlp")(h)
@@ -172,18 +166,17 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim_, cfg.rope_theta, dt)
 
         if cache is None:
-            idx = jnp.arange(T)
-            mask = idx[None, :, None] >= idx[None, None, :]
-            if segment_ids is not None:
-                seg = segment_ids
-                mask = mask & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-            else:
-                mask = jnp.broadcast_to(mask, (B, T, T))
+            # full sequence: causal over sequence indices, inside each packed segment (0 = padding)
+            idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            where = {"q_pos": idx, "kv_pos": idx, "q_seg": seg, "kv_seg": seg}
         else:
-            S = cache_length(cache)
-            mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]
             if segment_ids is not None:
                 raise ValueError("segment_ids is for the full-sequence path; the cached path uses positions")
+            # cached: a query at position p reads cache slots <= p
+            S = cache_length(cache)
+            where = {"q_pos": positions, "kv_pos": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
+                     "q_seg": jnp.ones((B, T), jnp.int32), "kv_seg": jnp.ones((B, S), jnp.int32)}
 
         block = _remat_block(cfg)
         if cfg.scan_layers:
@@ -195,12 +188,12 @@ class Llama(nn.Module):
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, cache = scanned(cfg, name="layers")(x, cos, sin, mask, positions, cache)
+            x, cache = scanned(cfg, name="layers")(x, cos, sin, where, positions, cache)
         else:
             new = []
             for i in range(cfg.num_hidden_layers):
                 layer_cache = None if cache is None else cache[i]
-                x, c = block(cfg, name=f"layers_{i}")(x, cos, sin, mask, positions, layer_cache)
+                x, c = block(cfg, name=f"layers_{i}")(x, cos, sin, where, positions, layer_cache)
                 new.append(c)
             cache = None if cache is None else new
 
