@@ -45,7 +45,8 @@ import numpy as np
 from jax import lax
 
 from spiritlm_jax.config import LlamaConfig
-from spiritlm_jax.infer.engine import GenerationError, _bucket
+from spiritlm_jax.buckets import bucket_length
+from spiritlm_jax.infer.engine import GenerationError
 from spiritlm_jax.models.llama import Llama, cache_logical_axes, init_cache
 
 from .sampling import SlotSampling, sample_rows
@@ -403,7 +404,7 @@ class Engine:
         ids = req.prompt
         entry, start = self.prefix.lookup(ids)
         rest = len(ids) - start
-        P = min(_bucket(rest), self.max_len - start)
+        P = min(bucket_length(rest), self.max_len - start)
         tokens = np.full((1, P), self.pad_id, np.int32)
         tokens[0, :rest] = ids[start:]
         prefix = entry["tree"] if entry is not None else None
@@ -412,7 +413,7 @@ class Engine:
         req.cached_tokens = start
         self.prefill_tokens_total += rest
         self.prefix.store(ids, start, lambda L: _extract(self.cache, jnp.int32(i), cfg=self.cfg, length=L),
-                          lambda n: min(_bucket(n), self.max_len))
+                          lambda n: min(bucket_length(n), self.max_len))
         s, h = req.sampling, self.host
         h["temperature"][i], h["top_k"][i], h["top_p"][i] = s.temperature, s.top_k, s.top_p
         h["repetition_penalty"][i], h["do_sample"][i], h["seed"][i] = s.repetition_penalty, s.do_sample, s.seed
