@@ -27,7 +27,7 @@ import numpy as np
 
 from spiritlm_jax.buckets import bucket_length  # noqa: F401  (re-exported: the one bucketing rule)
 from spiritlm_jax.config import LlamaConfig
-from spiritlm_jax.models.llama import Llama
+from spiritlm_jax.models.quantization import llama_module
 
 
 class ScoringError(ValueError):
@@ -58,7 +58,7 @@ def _score_jit(params, tokens, segment_ids, cont_mask, *, cfg: LlamaConfig):
     Returns per-token log-probs (B, L) (0 where not a continuation token)."""
     B, L = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    logits, _ = Llama(cfg).apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+    logits, _ = llama_module(cfg).apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)     # predicts tokens[:, 1:]
     tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]   # (B, L-1)
     tok_lp = jnp.where(cont_mask[:, 1:], tok_lp, 0.0)

@@ -28,7 +28,8 @@ from jax import lax
 from spiritlm_jax.buckets import bucket_length
 from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.infer import processors
-from spiritlm_jax.models.llama import Llama, init_cache
+from spiritlm_jax.models.llama import init_cache
+from spiritlm_jax.models.quantization import llama_module
 from spiritlm_jax.infer.processors import GenerationError, ProcessorFlags, RowParams, SamplingConfig, StepState
 
 
@@ -49,7 +50,7 @@ ERR_NONFINITE, ERR_NOTHING_LEFT = 1, 2
 @functools.partial(jax.jit, static_argnames=("cfg", "flags", "n_max", "return_logits"))
 def _generate_jit(params, tokens, lengths, banned, rows: RowParams, stop, rng, cache, *, cfg: LlamaConfig,
                   flags: ProcessorFlags, n_max: int, pad_id: int, return_logits: bool):
-    model = Llama(cfg)
+    model = llama_module(cfg)
     B, P = tokens.shape
     V = cfg.vocab_size
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))

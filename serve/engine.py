@@ -47,7 +47,8 @@ from jax import lax
 from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.buckets import bucket_length
 from spiritlm_jax.infer.engine import GenerationError
-from spiritlm_jax.models.llama import Llama, cache_logical_axes, init_cache
+from spiritlm_jax.models.llama import cache_logical_axes, init_cache
+from spiritlm_jax.models.quantization import llama_module
 
 from .sampling import SlotSampling, sample_rows
 
@@ -183,7 +184,7 @@ def _prefill(params, cache, slot, tokens, start, last, prefix, *, cfg: LlamaConf
         row = jax.tree.map(lambda r, p: lax.dynamic_update_slice_in_dim(r, p.astype(r.dtype), 0, axis=len_ax),
                            row, prefix)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, row = Llama(cfg).apply({"params": params}, tokens, positions=positions, cache=row, logits_at=last[None])
+    logits, row = llama_module(cfg).apply({"params": params}, tokens, positions=positions, cache=row, logits_at=last[None])
     cache = jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=bax), cache, row)
     return logits[:, 0], cache
 
@@ -204,7 +205,7 @@ def _first_token(logits, banned, seen, slot, banned_row, seen_row, temperature, 
 def _decode_step(params, cache, banned, seen, token, position, temperature, top_k, top_p, rep, do_sample, seed,
                  counter, *, cfg: LlamaConfig):
     """ONE step for every slot: token (B,) at position (B,) → next token per slot."""
-    logits, cache = Llama(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=cache)
+    logits, cache = llama_module(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=cache)
     tok, lp, top_ids, top_lp = sample_rows(logits[:, 0], banned, seen, temperature, top_k, top_p, rep, do_sample,
                                            seed, counter)
     seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)

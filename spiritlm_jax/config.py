@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from spiritlm_jax.models.attention import BACKENDS as ATTENTION_BACKENDS
 from spiritlm_jax.models.layers import DEFAULT_PRECISION, PRECISIONS
+from spiritlm_jax.models.quantization import QUANTIZE_MODES
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,8 @@ class LlamaConfig:
                    elsewhere), "xla" (einsum, materialised scores), "chunked" (blockwise online
                    softmax, any backend), "cudnn" (jax.nn.dot_product_attention), "splash" (TPU kernel)
       attention_block  query/key block of "chunked" and "splash" (splash: a multiple of 128)
+      quantize     None, or "int8" / "int4": qwix weight-only post-training quantization
+                   (models/quantization.py; params must come from quantize_params)
     """
 
     vocab_size: int = 32000
@@ -72,6 +75,7 @@ class LlamaConfig:
     precision: str = DEFAULT_PRECISION
     attention: str = "auto"
     attention_block: int = 512
+    quantize: str | None = None
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_hidden_layers <= 0 or self.vocab_size <= 0:
@@ -98,6 +102,8 @@ class LlamaConfig:
             raise ConfigError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.attention_block < 1:
             raise ConfigError(f"attention_block must be a positive number of tokens, got {self.attention_block}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"quantize must be None or one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
 

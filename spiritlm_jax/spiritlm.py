@@ -81,7 +81,8 @@ class SpiritLM:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, checkpoints: str | os.PathLike | None = None,
                         speech_checkpoints: str | os.PathLike | None = None, dtype: str | None = None,
                         mesh=None, f0_backbone: str = "fcpe", with_speech: bool = True,
-                        variant: str | None = None, scan_layers: bool = False) -> "SpiritLM":
+                        variant: str | None = None, scan_layers: bool = False,
+                        quantize: str | None = None) -> "SpiritLM":
         """``name_or_path``: a variant name (``spirit-lm-base-7b``, ``spirit-lm-expressive-7b``, or
         ``base``/``expressive``) resolved under ``checkpoints`` / $SPIRITLM_CHECKPOINTS_DIR, or a
         directory: a checkpoints/ tree (original, or converted by ``spiritlm-jax convert all``: read
@@ -95,6 +96,8 @@ class SpiritLM:
         ``scan_layers``: False (default) runs the layers unrolled, which decodes 2–2.5× faster on CPU than
         ``nn.scan`` (a scanned decode step re-slices every layer's weights and cache each token: measured
         11.9 vs 27.5 ms per step at 135 M parameters, batch 1); True compiles faster for very deep models.
+        ``quantize``: None, "int8" or "int4": the LM's matmul weights quantized after loading with qwix
+        (weight-only, per-channel; models/quantization.py); generation and scoring then run quantized.
         """
         from .converters.llama import FORMAT, load_converted, load_hf_params
 
@@ -135,6 +138,11 @@ class SpiritLM:
             cfg, params = load_hf_params(lm_dir, dtype=dtype, scan_layers=scan_layers)
             cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
             params = _place(params, cfg, mesh)
+        if quantize is not None:
+            from .models.quantization import quantize_params
+
+            cfg = cfg.replace(quantize=quantize)
+            params = quantize_params(cfg, params)
         tok = TextTokenizer.from_dir(lm_dir, n_embed=cfg.vocab_size)
         variant = variant or _infer_variant(lm_dir, meta, cfg)
         speech = None

@@ -40,6 +40,14 @@ def _param(module: nn.Module, name: str, shape, names, init, cfg: LlamaConfig):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype_of(cfg.param_dtype))
 
 
+def _weight(module: nn.Module, name: str, shape, names, init, cfg: LlamaConfig):
+    """A matmul weight in the compute dtype. Cast only when the dtypes differ: under qwix PTQ
+    (infer/quantize.py) the param is a quantized array that the following einsum consumes as is."""
+    w = _param(module, name, shape, names, init, cfg)
+    dt = dtype_of(cfg.dtype)
+    return w if w.dtype == dt else w.astype(dt)
+
+
 class RMSNorm(nn.Module):
     eps: float
     config: LlamaConfig
@@ -77,10 +85,10 @@ class Attention(nn.Module):
         dt = dtype_of(cfg.dtype)
         E, H, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
         init = nn.initializers.normal(0.02)
-        wq = _param(self, "q", (E, H, D), ("embed", "heads", "head_dim"), init, cfg).astype(dt)
-        wk = _param(self, "k", (E, K, D), ("embed", "kv_heads", "head_dim"), init, cfg).astype(dt)
-        wv = _param(self, "v", (E, K, D), ("embed", "kv_heads", "head_dim"), init, cfg).astype(dt)
-        wo = _param(self, "o", (H, D, E), ("heads", "head_dim", "embed"), init, cfg).astype(dt)
+        wq = _weight(self, "q", (E, H, D), ("embed", "heads", "head_dim"), init, cfg)
+        wk = _weight(self, "k", (E, K, D), ("embed", "kv_heads", "head_dim"), init, cfg)
+        wv = _weight(self, "v", (E, K, D), ("embed", "kv_heads", "head_dim"), init, cfg)
+        wo = _weight(self, "o", (H, D, E), ("heads", "head_dim", "embed"), init, cfg)
 
         q = jnp.einsum("bte,ehd->bthd", x, wq)
         k = jnp.einsum("bte,ekd->btkd", x, wk)
@@ -107,15 +115,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dt = dtype_of(cfg.dtype)
         E, I = cfg.hidden_size, cfg.intermediate_size
         init = nn.initializers.normal(0.02)
-        gate = _param(self, "gate", (E, I), ("embed", "mlp"), init, cfg).astype(dt)
-        up = _param(self, "up", (E, I), ("embed", "mlp"), init, cfg).astype(dt)
-        down = _param(self, "down", (I, E), ("mlp", "embed"), init, cfg).astype(dt)
-        h = jax.nn.silu(x @ gate) * (x @ up)
+        gate = _weight(self, "gate", (E, I), ("embed", "mlp"), init, cfg)
+        up = _weight(self, "up", (E, I), ("embed", "mlp"), init, cfg)
+        down = _weight(self, "down", (I, E), ("mlp", "embed"), init, cfg)
+        h = jax.nn.silu(jnp.einsum("bte,ei->bti", x, gate)) * jnp.einsum("bte,ei->bti", x, up)  # (B, T, I)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-        return h @ down
+        return jnp.einsum("bti,ie->bte", h, down)
 
 
 class Block(nn.Module):
@@ -205,9 +212,9 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            w = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                       nn.initializers.normal(0.02), cfg).astype(dt)
-            logits = x @ w
+            w = _weight(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                        nn.initializers.normal(0.02), cfg)
+            logits = jnp.einsum("bte,ev->btv", x, w)  # (B, T, V)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return logits.astype(jnp.float32), cache
 
