@@ -215,6 +215,11 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]],
         out, n_out, err, err_step, step_logits, n = _generate_jit(
             params, tokens_j, lengths_j, banned_j, rows_j, stop, jax.random.key(seed), cache, cfg=cfg, flags=flags,
             n_max=n_max, pad_id=pad_id, return_logits=return_logits)
+    if not out.is_fully_addressable:  # a mesh over several processes: every process gets every row
+        from jax.experimental import multihost_utils
+
+        out, n_out, err, err_step, step_logits, n = multihost_utils.process_allgather(
+            (out, n_out, err, err_step, step_logits, n), tiled=True)
     _raise_failures(np.asarray(err), np.asarray(err_step), owner)
     out, n_out, n = np.asarray(out), np.asarray(n_out), int(n)
     results = [row[:k].tolist() for row, k in zip(out, n_out)]

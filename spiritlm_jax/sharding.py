@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -147,23 +147,16 @@ def named(mesh: Mesh, *names: str | None) -> NamedSharding:
 
 
 def put(x, mesh: Mesh, *names: str | None):
-    """device_put ``x`` sharded by logical names (dimensions the mesh does not divide are replicated)."""
-    return jax.device_put(x, NamedSharding(mesh, fit_spec(logical_spec(*names), x.shape, mesh)))
+    """device_put ``x`` sharded by logical names (dimensions the mesh does not divide are replicated).
+
+    On a mesh that spans several processes, every process passes the same full ``x`` and keeps only the
+    shards of its own devices (``make_array_from_callback``)."""
+    sharding = NamedSharding(mesh, fit_spec(logical_spec(*names), x.shape, mesh))
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Multi-host start-up: ``jax.distributed.initialize`` (auto-detects TPU pods, SLURM, and the
-    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` environment)."""
-    kwargs = {}
-    if coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = coordinator_address or os.environ["JAX_COORDINATOR_ADDRESS"]
-    if num_processes is not None or os.environ.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(num_processes if num_processes is not None else os.environ["JAX_NUM_PROCESSES"])
-    if process_id is not None or os.environ.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(process_id if process_id is not None else os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)

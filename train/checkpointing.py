@@ -252,18 +252,20 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     # -------------------------------------------------------------- restore
-    def restore(self, step: int, abstract_state):
+    def restore(self, step: int, abstract_state, *, data: bool = True):
         """Restore one step into ``abstract_state`` (ShapeDtypeStructs with shardings) and verify it.
 
         Returns (state, data_state, meta). Raises CheckpointError if anything is missing or corrupt.
         """
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore(), meta=ocp.args.JsonRestore()))
+            items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            if data:
+                items["data"] = DataStateRestore()
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many types for a damaged file
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
                                   f"({type(e).__name__}: {str(e)[:300]})") from e
-        state, data_state, meta = out["state"], out["data"], out["meta"]
+        state, data_state, meta = out["state"], (out["data"] if data else None), out["meta"]
         if meta.get("step") != step:
             raise CheckpointError(f"checkpoint step {step}: meta says step {meta.get('step')}")
         want = meta.get("fingerprint")
@@ -274,14 +276,16 @@ class Checkpointer:
                                   f"{len(bad)} array(s) differs from the one recorded at save time, e.g. {bad[:3]}")
         return state, data_state, meta
 
-    def restore_latest(self, abstract_state, config: dict | None = None) -> Optional[tuple[int, Any, Any, dict]]:
+    def restore_latest(self, abstract_state, config: dict | None = None, *,
+                       data: bool = True) -> Optional[tuple[int, Any, Any, dict]]:
         """Newest good checkpoint as (step, state, data_state, meta); None if the directory has none.
 
         A damaged step is moved to ``<dir>/corrupt/`` (so a later save of the same step number works) and
         the previous one is tried. If checkpoints exist but none is good, that is an error: starting
         from scratch silently would throw the run away. A readable checkpoint that does not fit
         ``abstract_state`` raises ``CheckpointMismatchError`` naming the differing fields of ``config``
-        (this run's ``TrainConfig.to_dict()``) against the checkpoint's; nothing is moved.
+        (this run's ``TrainConfig.to_dict()``) against the checkpoint's; nothing is moved. ``data=False``
+        restores the arrays only (no data-iterator state: any number of processes, e.g. for evaluation).
         """
         steps = self.all_steps()
         if not steps:
@@ -289,8 +293,8 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
-                self.check_fits(step, abstract_state, config)
-                state, data_state, meta = self.restore(step, abstract_state)
+                self.check_fits(step, abstract_state, config, data=data)
+                state, data_state, meta = self.restore(step, abstract_state, data=data)
             except CheckpointMismatchError:
                 raise
             except CheckpointError as e:
@@ -302,7 +306,7 @@ class Checkpointer:
         raise CheckpointError(f"no usable checkpoint in {self.directory} (all {len(steps)} are damaged; moved to "
                               f"{self.directory / 'corrupt'}):\n  " + "\n  ".join(errors))
 
-    def check_fits(self, step: int, abstract_state, config: dict | None = None) -> None:
+    def check_fits(self, step: int, abstract_state, config: dict | None = None, *, data: bool = True) -> None:
         """``CheckpointMismatchError`` if step's arrays (names, shapes, dtypes) or its per-process data files
         do not fit this run; ``CheckpointError`` if its metadata is unreadable (an integrity failure)."""
         try:
@@ -329,6 +333,8 @@ class Checkpointer:
                 f"{len(differ)} array(s) do not fit, e.g. {shown}. Nothing was moved or deleted. To resume it, "
                 f"run with the checkpoint's settings (its config is in {where}/meta); to start a new run, use "
                 f"another checkpoint.dir.")
+        if not data:
+            return
         data_dir = where / "data"
         mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         others = sorted(f.name for f in data_dir.glob("process_*-of-*.json")) if data_dir.is_dir() else []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,18 +91,44 @@ def run(args) -> int:
 def train(cfg) -> int:
     import logging
 
-    import jax
-
-    from spiritlm_jax.converters.torch_io import CheckpointError
-    from spiritlm_jax.sharding import initialize_distributed
-    from .checkpointing import CheckpointSaveError
-    from .trainer import Trainer, TrainingDivergedError, TrainingError, write_loss_curve
+    from spiritlm_jax import distributed
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").addFilter(drop_logged_tracebacks)
-    if cfg.distributed:
-        initialize_distributed()
     ckdir = Path(cfg.checkpoint.dir)
+    if cfg.distributed:
+        distributed.initialize(cfg.distributed_timeout_s,
+                               hint=f"Training resumes from the last complete checkpoint in {ckdir}")
+    try:
+        rc = _train(cfg, ckdir)
+    except Exception:
+        _exit_if_a_peer_was_lost()
+        raise
+    if rc != 0:
+        _exit_if_a_peer_was_lost()
+    distributed.finish()
+    return rc
+
+
+def _exit_if_a_peer_was_lost() -> None:
+    """A collective, a checkpoint barrier or a save that failed because a peer died: report THAT (the
+    watchdog decides within distributed_timeout_s) and exit, skipping JAX's shutdown barrier, which would
+    wait for the dead peer and then abort."""
+    from spiritlm_jax import distributed
+
+    lost = distributed.lost_peer_message()
+    if lost is not None:
+        print(lost, file=sys.stderr, flush=True)
+        os._exit(distributed.EXIT_PEER_LOST)
+
+
+def _train(cfg, ckdir: Path) -> int:
+    import jax
+
+    from spiritlm_jax.converters.torch_io import CheckpointError
+    from .checkpointing import CheckpointSaveError
+    from .trainer import Trainer, TrainingDivergedError, TrainingError, write_loss_curve
+
     trainer = None
     try:
         trainer = Trainer(cfg, _LazyData(cfg))

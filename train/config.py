@@ -116,6 +116,8 @@ class TrainConfig:
     progress: bool = True  # console progress bar
     peak_tflops_per_device: float = 0.0  # for MFU; 0 = guess from the device kind
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
+    # multi-host: a peer silent this long is lost and every other process stops (exit 5); see distributed.py
+    distributed_timeout_s: float = 60.0
 
     def __post_init__(self):
         _validate(self)
@@ -170,6 +172,8 @@ def _validate(c: TrainConfig) -> None:
         raise TrainConfigError("optim.warmup_steps, lr, clip_norm and z_loss must be >= 0")
     if c.checkpoint.every < 1 or c.checkpoint.keep < 1:
         raise TrainConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+    if not 1 <= c.distributed_timeout_s <= 3600:
+        raise TrainConfigError(f"distributed_timeout_s must be in [1, 3600] seconds, got {c.distributed_timeout_s}")
     if c.log_every < 1:
         raise TrainConfigError("log_every must be >= 1")
 
