@@ -133,6 +133,7 @@ def _train(cfg, ckdir: Path) -> int:
     try:
         trainer = Trainer(cfg, _LazyData(cfg))
         trainer.data.open(trainer.llama_cfg.vocab_size)
+        trainer.initialize()  # resume (or refuse a checkpoint of another config) BEFORE anything is written
         if jax.process_index() == 0:
             ckdir.mkdir(parents=True, exist_ok=True)
             (ckdir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
