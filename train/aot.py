@@ -50,6 +50,8 @@ def _args(argv=None):
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inter", type=int, default=11008)
     p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "chunked", "cudnn", "splash"),
+                   help="LlamaConfig.attention (auto: splash on TPU, cudnn on GPU, xla on the simulated CPU mesh)")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
             print(f"need {n_dev} simulated devices, have {len(devices)}: set XLA_FLAGS before jax loads", file=sys.stderr)
             return 4
     result = compile_train_step(devices, mesh_shape, batch=a.batch or n_dev, seq=a.seq, vocab=a.vocab, remat=a.remat,
-                                grad_accum=a.grad_accum, layers=a.layers, hidden=a.hidden, inter=a.inter, heads=a.heads)
+                                grad_accum=a.grad_accum, layers=a.layers, hidden=a.hidden, inter=a.inter, heads=a.heads,
+                                attention=a.attention)
     result.update(target=a.target, mode=mode, fallback_reason=why, peak_tflops=peak, hbm_gib=hbm, mfu_assumed=a.mfu)
     tokens = result["batch"] * a.seq
     step_s = tokens * result["flops_per_token"] / (a.mfu * peak * 1e12 * n_dev)
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
 
 def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int = 32768, remat: str = "full",
                        grad_accum: int = 1, layers: int = 32, hidden: int = 4096, inter: int = 11008,
-                       heads: int = 32) -> dict:
+                       heads: int = 32, attention: str = "auto") -> dict:
     """Lower and compile the real train step on ``devices`` with abstract inputs; memory per device."""
     import jax
     import numpy as np
@@ -112,7 +115,7 @@ def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int 
 
     mc = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=heads, remat=remat)
-    cfg = llama_config(mc)
+    cfg = llama_config(mc).replace(attention=attention)
     model = Llama(cfg)
     tx, sched = make_optimizer(OptimConfig(grad_accum=grad_accum), 1000)
     mesh = shd.make_mesh(mesh_shape, devices=devices)
@@ -129,7 +132,7 @@ def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int 
     state_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract))
     out = {
         "devices": len(devices), "mesh": list(mesh_shape), "batch": batch, "seq": seq, "vocab": vocab,
-        "layers": layers, "remat": remat, "grad_accum": grad_accum, "params": cfg.num_params(),
+        "layers": layers, "remat": remat, "attention": attention, "grad_accum": grad_accum, "params": cfg.num_params(),
         "train_state_gib_total": state_bytes / gib, "flops_per_token": flops_per_token(cfg, seq),
         "lower_s": t1 - t0, "compile_s": t2 - t1,
     }
