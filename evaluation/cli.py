@@ -7,6 +7,9 @@
   spiritlm-jax eval topic-storycloze --data tcloze.jsonl --direction S
   spiritlm-jax eval stsp --data stsp_data/manifest/emov/emov.test.jsonl --direction s2s --n-shot 3 \\
         --classifier stsp_data/model/speech_classifier
+  spiritlm-jax eval stsp --model spirit-lm-base-7b --eval_manifest_path emov.test.jsonl --eval \\
+        --write_pred pred_s_t.jsonl --input_output speech_text --classifier ...   # the original's flags
+  spiritlm-jax eval stsp-score --ref_file ref.jsonl --pred_file pred.jsonl   # the original eval_stsp.py
   spiritlm-jax eval asr  --data LibriSpeech/test-clean --shots LibriSpeech/train-clean-100 --n-shot 10
   spiritlm-jax eval tts  --data LibriSpeech/test-clean --shots LibriSpeech/train-clean-100 --asr-model mypkg:asr
   spiritlm-jax eval intent --data stop_test.jsonl --shots stop_train.jsonl --n-shot 10
@@ -29,12 +32,18 @@ from pathlib import Path
 
 from spiritlm_jax.cli import positive_int
 
-TASKS = ("swuggy", "sblimp", "pairs", "storycloze", "topic-storycloze", "mmlu", "stsp", "asr", "tts", "intent")
+TASKS = ("swuggy", "sblimp", "pairs", "storycloze", "topic-storycloze", "mmlu", "stsp", "stsp-score", "asr", "tts",
+         "intent")
+# the original predict_stsp.py's --input_output values
+INPUT_OUTPUT = {"speech_speech": "s2s", "speech_text": "s2t", "text_speech": "t2s", "text_text": "t2t"}
 
 
 def add_arguments(p):
-    p.add_argument("task", choices=TASKS, help="the benchmark")
-    p.add_argument("--data", required=True, help="the benchmark data (file or folder; see docs/eval.md)")
+    p.add_argument("task", choices=TASKS, help="the benchmark (stsp-score: the original eval_stsp.py, scores a "
+                                                "prediction jsonl against a reference jsonl; no model)")
+    p.add_argument("--data", "--eval_manifest_path", dest="data", default=None,
+                   help="the benchmark data (file or folder; see docs/eval.md); --eval_manifest_path is the "
+                        "original predict_stsp.py's name for the STSP manifest")
     p.add_argument("--model", default="spirit-lm-base-7b", help="variant name or model folder")
     p.add_argument("--checkpoints", default=None, help="original checkpoints/ folder (default: $SPIRITLM_CHECKPOINTS_DIR)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -46,9 +55,10 @@ def add_arguments(p):
     p.add_argument("--shots", default=None,
                    help="shot pool (asr/tts/intent; default: taken from --data and removed from it) or the STSP "
                         "few-shot jsonl (default: <stsp root>/manifest/few_shot/<dir>.jsonl)")
-    p.add_argument("--n-shot", type=int, default=None, help="number of shots (default: 10 asr/tts/intent, 5 mmlu, 0 stsp)")
-    p.add_argument("--stsp-root", default=None,
-                   help="STSP data root holding data/ (default: two folders above the manifest's folder)")
+    p.add_argument("--n-shot", "--few_shot", dest="n_shot", type=int, default=None, help="number of shots (default: 10 asr/tts/intent, 5 mmlu, 0 stsp)")
+    p.add_argument("--stsp-root", "--data_root_dir", dest="stsp_root", default=None,
+                   help="STSP data root holding data/ and manifest/ (default: two folders above the manifest's "
+                        "folder); the original's --data_root_dir (the data/ folder itself) is accepted too")
     p.add_argument("--classifier", default=None, help="STSP sentiment classifier (folder or module:function)")
     p.add_argument("--asr-model", default=None, help="TTS: ASR model for CER (folder or module:function)")
     p.add_argument("--modality", choices=("speech", "text"), default="speech", help="intent: input modality")
@@ -60,7 +70,20 @@ def add_arguments(p):
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-lowercase", action="store_true", help="asr/tts: keep transcripts' case in prompts")
-    p.add_argument("--write-pred", default=None, help="stsp: also write the original's prediction jsonl here")
+    p.add_argument("--write-pred", "--write_pred", dest="write_pred", default=None,
+                   help="stsp: also write the original's prediction jsonl here")
+    stsp = p.add_argument_group("the original predict_stsp.py / eval_stsp.py flags (stsp, stsp-score)")
+    stsp.add_argument("--input_output", choices=sorted(INPUT_OUTPUT), default=None,
+                      help="stsp direction in the original's spelling (speech_text = --direction s2t, ...)")
+    stsp.add_argument("--write_wav_output", default=None,
+                      help="stsp with speech output: write each generated waveform here (random names, as the "
+                           "original) and record its path as the prediction's 'generation'")
+    stsp.add_argument("--eval", dest="original_eval", action="store_true",
+                      help="accepted for the original's command lines: the accuracy is always computed")
+    stsp.add_argument("--eval_type", default="emotion", help="accepted and unused, as in the original")
+    stsp.add_argument("--ref_file", default=None, help="stsp-score: the reference jsonl (id + sentiment/emotion)")
+    stsp.add_argument("--pred_file", default=None, help="stsp-score: the prediction jsonl (id + pred)")
+    stsp.add_argument("--label", default="sentiment", help="stsp / stsp-score: sentiment (default) or emotion")
     p.add_argument("--output", default=None, help="results JSON (default: spiritlm-eval/<task>-<time>.json)")
 
 
@@ -115,11 +138,18 @@ def run_task(args, lm):
         return eval_tasks.run_intent(r, items, n_shot=10 if args.n_shot is None else args.n_shot, shot_pool=pool,
                             seed=args.seed, modality=args.modality)
     if t == "stsp":
+        if args.input_output:
+            if args.direction and args.direction != INPUT_OUTPUT[args.input_output]:
+                raise eval_tasks.EvalError(f"--input_output {args.input_output} and --direction {args.direction} disagree; "
+                                           f"give one of them")
+            args.direction = INPUT_OUTPUT[args.input_output]
         if not args.classifier:
             raise eval_tasks.EvalError("stsp needs --classifier (the sentiment classifier: a local HF folder or "
                               "module:function); the original's come from the STSP archive's model/ folder")
         manifest = Path(args.data)
         root = Path(args.stsp_root) if args.stsp_root else manifest.resolve().parent.parent.parent
+        if root.name == "data" and (root.parent / "manifest").is_dir():  # the original's --data_root_dir
+            root = root.parent
         data_root = root / "data" if (root / "data").is_dir() else root
         ci, co = eval_tasks.parse_direction(args.direction or "s2s")
         n = args.n_shot or 0
@@ -129,7 +159,8 @@ def run_task(args, lm):
             rows = eval_data.read_jsonl(shots)
         res = eval_tasks.run_stsp(r, _limit(eval_data.read_jsonl(manifest), args.limit), args.direction or "s2s", args.classifier,
                          data_root=data_root, few_shot_rows=rows, n_shot=n, seed=args.seed,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, label=args.label,
+                         write_wav_output=args.write_wav_output)
         if args.write_pred:
             with open(args.write_pred, "w", encoding="utf-8") as f:
                 for it in res.items:
@@ -158,6 +189,17 @@ def format_table(res, variant: str) -> str:
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
 
+def stsp_score(ref_file, pred_file, label: str = "sentiment") -> str:
+    """The original ``eval_stsp.py --ref_file R --pred_file P``: its one output line."""
+    from spiritlm_jax.evaluation import data as eval_data
+    from spiritlm_jax.evaluation import metrics
+
+    if not ref_file or not pred_file:
+        raise metrics.MetricError("stsp-score needs --ref_file (reference jsonl) and --pred_file (prediction jsonl)")
+    score = metrics.stsp_accuracy(eval_data.read_jsonl(ref_file), eval_data.read_jsonl(pred_file), label=label)
+    return f"Accuracy: {score.accuracy * 100:0.2f}% for predictions from {pred_file}"
+
+
 def run(args) -> int:
     import jax
 
@@ -167,6 +209,16 @@ def run(args) -> int:
     from spiritlm_jax.evaluation.scoring import ScoringError
     from spiritlm_jax.spiritlm import SpiritLM
 
+    if args.task == "stsp-score":
+        try:
+            print(stsp_score(args.ref_file, args.pred_file, args.label))
+        except (FileNotFoundError, DataError, MetricError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.data is None:
+        print(f"error: eval {args.task} needs --data (the benchmark data; see docs/eval.md)", file=sys.stderr)
+        return 2
     try:
         mesh = _mesh(args.mesh)
         lm = SpiritLM.from_pretrained(args.model, checkpoints=args.checkpoints, dtype=args.dtype, mesh=mesh)

@@ -536,7 +536,8 @@ def _classify(outputs: list, classifier, out_mod: str) -> list[str]:
 
 def run_stsp(runner: Runner, records: Sequence[dict], direction: str, classifier, *, data_root: str | Path,
              few_shot_rows: Sequence[dict] | None = None, n_shot: int = 0, seed: int = 0, retries: int = 3,
-             label: str = "sentiment", speaker_id: int = 2, max_new_tokens: int | None = None) -> EvalResult:
+             label: str = "sentiment", speaker_id: int = 2, max_new_tokens: int | None = None,
+             write_wav_output: str | Path | None = None) -> EvalResult:
     """STSP prediction + metric. ``records``: the manifest (``id``, ``wav_path`` (relative to
     ``data_root``), ``asr``, ``sentiment``/``emotion``). ``classifier``: callable/spec (see
     ``load_callable``) mapping generated texts (T output) or 16 kHz waveforms (S output) to labels.
@@ -606,6 +607,8 @@ def run_stsp(runner: Runner, records: Sequence[dict], direction: str, classifier
         rec = {"id": r["id"], "pred": preds.get(i, "failed"), "attempts": attempts[i]}
         if co == "t" and outputs[i] is not None:
             rec["generation"] = outputs[i]
+        elif write_wav_output and outputs[i] is not None:  # the original's --write_wav_output
+            rec["generation"] = _write_wav(outputs[i], Path(write_wav_output))
         if i in errors:
             rec["error"] = errors[i]
         items.append(rec)
@@ -619,6 +622,18 @@ def run_stsp(runner: Runner, records: Sequence[dict], direction: str, classifier
                        "template": "<few-shot prefix> + [Text]<asr> | [Speech]<units>, then the output marker",
                        "first_prompt": prompts[0]},
                       items)
+
+
+def _write_wav(wav, folder: Path) -> str:
+    """Save a 16 kHz waveform under ``folder`` with a random name (as the original); returns its path."""
+    import uuid
+
+    import soundfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4()}.wav"
+    soundfile.write(str(path), np.asarray(wav, np.float32), 16000)
+    return str(path)
 
 
 __all__ = ["EvalError", "EvalResult", "Runner", "PAPER", "pair_requests", "run_pairs", "cloze_requests",

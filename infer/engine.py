@@ -189,7 +189,7 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]],
     rows = processors.row_params(configs, eos_default, {s: i for i, s in enumerate(stop_strings)})
     flags = processors.flags_for(configs, V)
     n_real = max(c.max_new_tokens for c in configs)
-    n_max = bucket_length(n_real)  # the output buffer's static length; rows stop at their own max_new_tokens
+    n_max = bucket_length(n_real, 64)  # the output buffer's static length; rows stop at their own max_new_tokens
 
     B = len(prompts)
     P = bucket_length(int(lengths.max()))

@@ -3,6 +3,7 @@ prefer the right answer scores 100% and one preferring the wrong answer 0%; few-
 documented formats byte for byte; STSP's few-shot fix; every task end to end through the CLI."""
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,6 +317,37 @@ def test_cli_every_task_end_to_end(lm, data, eval_checkpoints, tmp_path, monkeyp
     assert [p["id"] for p in preds] == [-10, -11, -12] and all(p["pred"] == "positive" for p in preds)
     st = json.loads((tmp_path / "stsp.json").read_text())
     assert st["prompts"]["few_shot_prefix"].startswith("[Speech][Hu") and len(st["prompts"]["few_shot_rows"]) == 3
+
+
+def test_cli_stsp_with_the_original_flags_then_stsp_score(data, eval_checkpoints, tmp_path, monkeypatch, capsys):
+    """predict_stsp.py's command line (its flags, plus our --classifier/--checkpoints), then eval_stsp.py's."""
+    (tmp_path / "stspplug.py").write_text("def speech(wavs):\n    return ['happy'] * len(wavs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = data / "stsp_data"
+    manifest = root / "manifest" / "emov" / "emov.test.jsonl"
+    pred = tmp_path / "pred_t_s.jsonl"
+    rc = _cli(["stsp", "--model", "spirit-lm-base-7b", "--eval_manifest_path", str(manifest), "--eval",
+               "--write_pred", str(pred), "--input_output", "text_speech", "--data_root_dir", str(root / "data"),
+               "--write_wav_output", str(tmp_path / "wavs"), "--seed", "3", "--classifier", "stspplug:speech",
+               "--max-new-tokens", "30", "--checkpoints", str(eval_checkpoints), "--output", str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["metrics"]["direction"] == "T→S" and res["seed"] == 3
+    preds = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert [p["pred"] for p in preds] == ["positive"] * 3
+    assert all(Path(p["generation"]).parent == tmp_path / "wavs" and Path(p["generation"]).is_file() for p in preds)
+    capsys.readouterr()
+    # eval_stsp.py --ref_file --pred_file: gold sentiments positive/negative/neutral → one in three right
+    assert _cli(["stsp-score", "--ref_file", str(manifest), "--pred_file", str(pred)]) == 0
+    assert capsys.readouterr().out == f"Accuracy: 33.33% for predictions from {pred}\n"
+    assert _cli(["stsp-score", "--ref_file", str(manifest), "--pred_file", str(pred), "--label", "emotion"]) == 0
+    assert capsys.readouterr().out.startswith("Accuracy: 0.00% ")
+    pred.write_text(pred.read_text().splitlines()[0] + "\n")
+    assert _cli(["stsp-score", "--ref_file", str(manifest), "--pred_file", str(pred)]) == 2
+    assert "1 predictions for 3 references" in capsys.readouterr().err
+    assert _cli(["stsp", "--input_output", "speech_text", "--direction", "t2t", "--eval_manifest_path", str(manifest),
+                 "--classifier", "stspplug:speech", "--checkpoints", str(eval_checkpoints)]) == 2
+    assert "disagree" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs(data, eval_checkpoints, tmp_path, capsys):

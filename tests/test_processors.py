@@ -179,13 +179,6 @@ def test_process_runs_hf_order_on_random_logits():
 
 
 # ------------------------------------------------------------------------------------ stop strings
-def _token_texts_like_hf(tok):
-    from transformers.generation.stopping_criteria import StopStringCriteria
-
-    texts = StopStringCriteria.clean_tokenizer_vocab(tok)
-    return texts
-
-
 def test_stop_strings_match_hf_criteria(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
     from transformers.generation.stopping_criteria import StopStringCriteria
