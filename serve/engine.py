@@ -46,7 +46,7 @@ from jax import lax
 
 from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.buckets import bucket_length
-from spiritlm_jax.infer.engine import GenerationError
+from spiritlm_jax.infer.processors import GenerationError, SamplingConfig
 from spiritlm_jax.models.llama import cache_logical_axes, init_cache
 from spiritlm_jax.models.quantization import llama_module
 
@@ -307,14 +307,11 @@ class Engine:
             if b.all():
                 raise ServeError("the ban mask bans every token")
         s = req.sampling
-        if s.do_sample and not (np.isfinite(s.temperature) and s.temperature > 0):
-            raise ServeError(f"temperature must be a finite number > 0 when sampling, got {s.temperature}")
-        if not (np.isfinite(s.top_p) and 0 < s.top_p <= 1):
-            raise ServeError(f"top_p must be in (0, 1], got {s.top_p}")
-        if not isinstance(s.top_k, int) or s.top_k < 0:
-            raise ServeError(f"top_k must be an integer ≥ 0 (0 disables it), got {s.top_k!r}")
-        if not (np.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
-            raise ServeError(f"repetition_penalty must be a finite number > 0, got {s.repetition_penalty}")
+        try:  # the one validation point of generation options (infer/processors.py), same messages as the CLI
+            SamplingConfig(do_sample=bool(s.do_sample), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                           max_new_tokens=req.max_tokens, repetition_penalty=s.repetition_penalty)
+        except GenerationError as e:
+            raise ServeError(str(e)) from None
         if not 0 <= int(s.seed) < 2 ** 32:
             raise ServeError(f"seed must be in [0, 2**32), got {s.seed}")
 
