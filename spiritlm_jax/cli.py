@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("spiritlm_jax.train.prepare_cli", "prepare a training corpus (Apache Beam / TFDS ArrayRecord)"),
     "train": ("spiritlm_jax.train.cli", "train or fine-tune Spirit LM"),
     "train-quantizer": ("spiritlm_jax.train.quantizer_cli", "train a k-means speech-unit quantizer on a corpus (JAX)"),
+    "miniature": ("spiritlm_jax.train.miniature_cli",
+                  "a miniature Spirit LM end to end: TTS corpus, unit training, 3 LMs, the interleaving ablation"),
     "eval": ("spiritlm_jax.evaluation.cli", "evaluation harness"),
     "serve": ("spiritlm_jax.serve.cli", "OpenAI-compatible speech+text HTTP server (continuous batching, streaming)"),
 }
