@@ -85,11 +85,34 @@ class Converted:
             shutil.copy2(f, folder / f.name)
 
 
+TUPLE = "__tuple__"  # JSON has no tuples; the original's pickled configs do (fairseq's latent_temp)
+
+
 def _jsonable(x, where: str):
+    """A pickled config as JSON, tuples kept as {"__tuple__": [...]} so an export writes them back as tuples."""
+    def enc(v):
+        if isinstance(v, tuple):
+            return {TUPLE: [enc(i) for i in v]}
+        if isinstance(v, list):
+            return [enc(i) for i in v]
+        if isinstance(v, dict):
+            return {k: enc(i) for k, i in v.items()}
+        return v
+
     try:
-        return json.loads(json.dumps(x))
+        return json.loads(json.dumps(enc(x)))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: its config cannot be stored as JSON ({e})") from e
+
+
+def from_jsonable(x):
+    if isinstance(x, dict):
+        if set(x) == {TUPLE}:
+            return tuple(from_jsonable(i) for i in x[TUPLE])
+        return {k: from_jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [from_jsonable(i) for i in x]
+    return x
 
 
 def convert_hubert_folder(src: Path) -> Converted:
@@ -111,7 +134,10 @@ def convert_hubert_folder(src: Path) -> Converted:
     params = {"encoder": eparams, "quantizer": qparams}
     if unused:
         params["original_only"] = unused
-    return Converted("hubert", config, params, original)
+    from .hubert import weight_norm_names
+
+    return Converted("hubert", config, params, original,
+                     extra={"export": {"weight_norm_names": weight_norm_names(ck["model_weight"], "encoder.pos_conv.0")}})
 
 
 def convert_vqvae_folder(src: Path) -> Converted:

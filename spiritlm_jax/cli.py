@@ -14,7 +14,8 @@ import sys
 
 # name: (module, help line)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("spiritlm_jax.converters.cli", "convert original PyTorch checkpoints to our orbax format"),
+    "convert": ("spiritlm_jax.converters.cli", "convert original PyTorch checkpoints to our JAX-native model tree"),
+    "export": ("spiritlm_jax.converters.export_cli", "trained run -> model folder; model -> Hugging Face or the original"),
     "parity": ("spiritlm_jax.converters.parity_cli", "run a golden set made by the original code against our models"),
     "tokenize": ("spiritlm_jax.infer.tokenize_cli", "speech files or folders -> unit strings (JSONL)"),
     "generate": ("spiritlm_jax.infer.generate_cli", "generate text/speech from interleaved inputs"),

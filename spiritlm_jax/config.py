@@ -194,6 +194,22 @@ class LlamaConfig:
             **runtime,
         )
 
+    def to_hf(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """The HF ``config.json`` of this model (the inverse of :meth:`from_hf`; run-time fields dropped)."""
+        out = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": None, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "attention_bias": False, "mlp_bias": False,
+            "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True, "torch_dtype": torch_dtype,
+        }
+        if self.head_dim is not None:
+            out["head_dim"] = self.head_dim
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -89,8 +89,9 @@ class SpiritLM:
         without torch), an LM folder (original HF, converted, or a trained run exported by
         ``spiritlm-jax export``). docs/model-format.md describes the layouts.
 
-        ``speech_checkpoints``: the folder holding ``speech_tokenizer/`` (default: the same root, or
-        the grand-parent of an LM folder inside an original tree).
+        ``speech_checkpoints``: the folder holding ``speech_tokenizer/`` (default: the same root, the
+        grand-parent of an LM folder inside a tree, else ``checkpoints`` — so a trained model exported
+        on its own speaks through the speech tokenizer of a checkpoints tree).
         ``variant`` (base / expressive) is read from the name, the folder name, our converted config, or
         the vocabulary size (32512 Base, 32768 Expressive); pass it when none of these tells.
         ``scan_layers``: False (default) runs the layers unrolled, which decodes 2–2.5× faster on CPU than
@@ -115,9 +116,11 @@ class SpiritLM:
             if not lm_dir.is_dir():
                 raise FileNotFoundError(f"{lm_dir} not found: the checkpoint folder lacks the {variant} LM")
             root = speech_checkpoints or p
-        elif p.is_dir():
+        elif p.is_dir():  # an LM folder: its speech tokenizer from the tree around it, else from `checkpoints`
             lm_dir = p
             root = speech_checkpoints or (p.parent.parent if (p.parent.parent / "speech_tokenizer").is_dir() else None)
+            if root is None and (checkpoints or os.environ.get("SPIRITLM_CHECKPOINTS_DIR")):
+                root = checkpoints_root(checkpoints)
         else:
             variant = variant or _variant(name_or_path)
             root = checkpoints_root(checkpoints)

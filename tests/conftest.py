@@ -29,6 +29,16 @@ def golden_dir() -> Path:
     return GOLDEN
 
 
+@pytest.fixture(scope="session")
+def converted_tree(golden_dir, tmp_path_factory) -> Path:
+    """The golden checkpoints through `spiritlm-jax convert all` (docs/model-format.md), once per session."""
+    from spiritlm_jax.cli import main
+
+    dst = tmp_path_factory.mktemp("converted") / "tree"
+    assert main(["convert", "all", str(golden_dir / "checkpoints"), str(dst), "--no-self-check"]) == 0
+    return dst
+
+
 def pytest_sessionfinish(session, exitstatus):
     """In CI nothing may be skipped: every optional dependency (torch, transformers, torchfcpe,
     AMFM-decompy, jiwer) is installed there, so a skip means a check silently did not run."""
