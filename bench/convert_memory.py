@@ -1,8 +1,11 @@
-"""Peak RSS of `spiritlm-jax convert llama` on a ~1 GB random bf16 HF checkpoint.
+"""Peak RSS of `spiritlm-jax convert llama` (import) and of `spiritlm-jax export --to hf` (export) on a
+~1 GB random bf16 HF checkpoint.
 
-Target (issue 2): peak RSS ≤ 1.3 × the checkpoint's size. The conversion runs in a fresh subprocess
-(so the measured peak is the converter's alone: interpreter + jax + torch + the streamed tensors),
-and the script prints the ratio. Run: python bench/convert_memory.py [--gb 1.0] [--layout scan|unrolled]
+Target (issues 2 and 12): peak RSS ≤ 1.3 × the checkpoint's size in both directions. Each direction
+runs in a fresh subprocess (so the measured peak is its own: interpreter + jax + torch + the streamed
+tensors), and the script prints the ratios. The export reads our converted folder one layer slice at a
+time and writes safetensors tensor by tensor.
+Run: python bench/convert_memory.py [--gb 1.0] [--layout scan|unrolled]
 """
 from __future__ import annotations
 
@@ -58,6 +61,14 @@ convert_llama(sys.argv[1], sys.argv[2], scan_layers=sys.argv[3] == "scan", overw
 print(""" + PEAK + """, time.perf_counter() - t)
 """
 
+EXPORT_CHILD = """
+import sys, time
+from spiritlm_jax.converters.export import export_hf
+t = time.perf_counter()
+export_hf(sys.argv[1], sys.argv[2], overwrite=True, with_tokenizer=False, log=lambda m: None)  # random weights: no tokenizer
+print(""" + PEAK + """, time.perf_counter() - t)
+"""
+
 BASELINE = """
 import jax, orbax.checkpoint, torch, numpy
 from spiritlm_jax.converters import llama
@@ -77,9 +88,13 @@ def main():
         out = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "hf"), str(tmp / "conv"), a.layout],
                              capture_output=True, text=True, check=True).stdout.split()
         peak, secs = int(out[0]), float(out[1])
-    print(f"checkpoint {size / 1e9:.3f} GB ({a.layout} layout): peak RSS {peak / 1e9:.3f} GB = {peak / size:.2f}x "
-          f"(imports alone: {base / 1e9:.3f} GB; peak minus imports = {(peak - base) / size:.2f}x); "
-          f"{secs:.1f} s = {size / secs / 1e9:.2f} GB/s ({size / secs / 27e9:.1%} of ~27 GB/s read bandwidth)")
+        out = subprocess.run([sys.executable, "-c", EXPORT_CHILD, str(tmp / "conv"), str(tmp / "hf_out")],
+                             capture_output=True, text=True, check=True).stdout.split()
+        epeak, esecs = int(out[0]), float(out[1])
+    for name, p, t in (("import (convert llama)", peak, secs), ("export (--to hf)", epeak, esecs)):
+        print(f"{name}: checkpoint {size / 1e9:.3f} GB ({a.layout} layout): peak RSS {p / 1e9:.3f} GB = "
+              f"{p / size:.2f}x (imports alone: {base / 1e9:.3f} GB; peak minus imports = {(p - base) / size:.2f}x); "
+              f"{t:.1f} s = {size / t / 1e9:.2f} GB/s ({size / t / 27e9:.1%} of ~27 GB/s read bandwidth)")
 
 
 if __name__ == "__main__":

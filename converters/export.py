@@ -189,8 +189,10 @@ def iter_lm_tensors(reader: LMReader, dtype: np.dtype | None = None) -> Iterator
 
 
 def export_hf(lm_dir: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, log=print) -> Path:
-    """Our LM folder → a transformers LlamaForCausalLM folder (sharded safetensors + index)."""
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, with_tokenizer: bool = True,
+              log=print) -> Path:
+    """Our LM folder → a transformers LlamaForCausalLM folder (sharded safetensors + index).
+    ``with_tokenizer=False`` writes the weights and config only (benchmarks of weight-only folders)."""
     from .llama import llama_rows
 
     src = Path(lm_dir)
@@ -233,7 +235,8 @@ def export_hf(lm_dir: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
         torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
             "bfloat16" if out_dtype == np.dtype(ml_dtypes.bfloat16) else str(out_dtype)]
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(torch_dtype), indent=2))
-        _hf_tokenizer_files(src, tmp, cfg)
+        if with_tokenizer:
+            _hf_tokenizer_files(src, tmp, cfg)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -190,7 +190,7 @@ def test_trained_run_exports_to_a_model_every_command_takes(tiny_run, golden_dir
     assert main(["eval", "pairs", "--data", str(pairs), "--model", str(bf16), *ck, "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["metrics"]
     # and training starts from it
-    assert main(["train", f"model.init={fp32}", "data.batch_size=2", "data.seq_len=16", "steps=1", "optim.warmup_steps=1",
+    assert main(["train", f"model.init={fp32}", "data.batch_size=8", "data.seq_len=16", "steps=1", "optim.warmup_steps=1",
                  f"checkpoint.dir={tmp_path / 'ft'}", "checkpoint.every=1", "log_every=1"]) == 0
 
 
