@@ -36,9 +36,9 @@ def main():
                                             modality_table, state_layout)
 
     torch.set_num_threads(os.cpu_count() or 1)
-    mc = ModelConfig(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                     num_attention_heads=12, num_key_value_heads=12, dtype="float32", param_dtype="float32",
-                     remat="none")
+    mc = ModelConfig(llama=ModelConfig().llama.replace(
+        vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+        num_key_value_heads=12, dtype="float32", param_dtype="float32", remat="none"))
     oc = OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=1.0)
     cfg = llama_config(mc)
     it = SyntheticIterator(a.batch, a.seq, cfg.vocab_size, seed=0)

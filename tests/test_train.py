@@ -170,7 +170,7 @@ def test_flops_per_token_7b():
 
 def test_config_overrides_and_errors(tmp_path):
     cfg = TrainConfig().override("optim.lr=1e-4", "model.scan_layers=false", "mesh.fsdp=-1", "model.init=/x")
-    assert cfg.optim.lr == 1e-4 and cfg.model.scan_layers is False and cfg.mesh.fsdp == -1
+    assert cfg.optim.lr == 1e-4 and cfg.model.llama.scan_layers is False and cfg.mesh.fsdp == -1
     f = tmp_path / "c.json"
     f.write_text('{"steps": 7, "optim": {"lr": 0.5}}')
     c2 = TrainConfig.load(f, ["optim.warmup_steps=3"])

@@ -110,12 +110,12 @@ def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int 
     from spiritlm_jax import sharding as shd
     from spiritlm_jax.models.llama import Llama
     from .config import ModelConfig, OptimConfig
-    from .trainer import (abstract_batch, flops_per_token, jit_train_step, llama_config, make_optimizer,
+    from .trainer import (abstract_batch, flops_per_token, jit_train_step, make_optimizer,
                           make_train_step, modality_table, state_layout)
 
-    mc = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                     num_attention_heads=heads, num_key_value_heads=heads, remat=remat)
-    cfg = llama_config(mc).replace(attention=attention)
+    cfg = ModelConfig().llama.replace(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                      remat=remat, attention=attention)
     model = Llama(cfg)
     tx, sched = make_optimizer(OptimConfig(grad_accum=grad_accum), 1000)
     mesh = shd.make_mesh(mesh_shape, devices=devices)

@@ -12,47 +12,46 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from spiritlm_jax.config import ConfigError, LlamaConfig
 
 
 class TrainConfigError(ValueError):
     """A training config file or override is wrong (unknown key, bad value)."""
 
 
+def _training_llama() -> LlamaConfig:
+    """Spirit LM 7B's shape (Expressive vocabulary) with the training run-time defaults."""
+    return LlamaConfig(vocab_size=32768, dtype="bfloat16", param_dtype="float32", remat="full", scan_layers=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which model, how it is run. ``init`` picks the starting weights:
 
-    * ``"random"``: a fresh model of the shape given by the fields below (``vocab_size`` …);
+    * ``"random"``: a fresh model of the shape given by ``llama``;
     * a converted spiritlm-jax Llama directory (``spiritlm-jax convert llama``) — e.g. a Spirit LM
-      checkpoint to fine-tune (its shape fields override the ones below);
+      checkpoint to fine-tune (its shape replaces ``llama``'s; ``llama``'s run-time fields stay);
     * an HF Llama directory (``config.json`` + weights), read directly.
     A Llama-2 checkpoint is first extended to Spirit LM's vocabulary with ``spiritlm-jax train
     --extend-vocab`` (train/vocab.py) and then used as ``init``.
+
+    ``llama`` is the model's own :class:`~spiritlm_jax.config.LlamaConfig` (one owner of every shape and
+    run-time field). Its fields are written FLAT in the ``model`` section of a file or an override
+    (``model.hidden_size=64``, ``model.remat=dots``), next to ``init`` and ``vocab_layout``.
     """
 
     init: str = "random"
-    vocab_size: int = 32768
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    dtype: str = "bfloat16"  # compute dtype
-    param_dtype: str = "float32"  # master weights (and optimizer state) dtype
-    remat: str = "full"  # "none" | "full" | "dots"
-    scan_layers: bool = True
     # Vocabulary layout for per-modality metrics: "auto" (from the init dir's tokenizer, else from
     # vocab_size 32512 → base, 32768 → expressive), "base", "expressive", "none" (all tokens text),
     # or "speech=A:B" (ids A..B-1 are speech tokens; used by tiny test models).
     vocab_layout: str = "auto"
+    llama: LlamaConfig = dataclasses.field(default_factory=_training_llama, metadata={"flatten": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +67,10 @@ class OptimConfig:
     clip_norm: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per step (the global batch is split, never enlarged)
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM uses 1e-4); 0 disables
+    # Regex on parameter paths ("embed/embedding", "layers_31/mlp/up", "lm_head"): only matching
+    # parameters are trained (the rest stay frozen, get no optimizer state and are not checkpointed).
+    # "" trains everything. With LoRA the adapters are the trainable parameters instead.
+    trainable: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,57 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest complete checkpoint in ``dir`` if there is one
 
 
+RECIPES = ("pretrain", "sft", "dpo")
+LORA_QUANTIZE = ("none", "int8", "int4", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA / QLoRA through qwix (train/lora.py). ``rank`` 0 = off (every trainable weight is tuned).
+
+    ``modules``: a regex on module paths (``layers/attn``, ``layers_3/mlp``, …) whose weight matmuls get
+    adapters; ``quantize``: the frozen base weights of those modules in ``int8``/``int4``/``nf4``
+    (QLoRA) or ``none``; ``tile_size``: sub-channel quantization tile (0 = per-channel)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    modules: str = ".*/(attn|mlp)"
+    quantize: str = "none"
+    tile_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """Direct preference optimisation (recipe=dpo). ``loss``: ``sigmoid`` (Rafailov et al. 2023) or
+    ``ipo`` (Azar et al. 2023); ``beta``: the KL-penalty strength (IPO: 1/(2·tau))."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Validation while training: every ``every`` steps (0 = never), ``batches`` batches of the
+    held-out ``split`` of ``path`` (default: ``data.path``) — loss and accuracy per modality (SFT/
+    pretrain) or preference accuracy and reward margin (DPO), logged as ``eval/*``."""
+
+    every: int = 0
+    path: str = ""
+    split: str = "validation"
+    batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """``wandb``: also log to Weights & Biases (``wandb_mode=offline`` needs no network; sync later with
+    ``wandb sync``)."""
+
+    wandb: bool = False
+    wandb_project: str = "spiritlm-jax"
+    wandb_mode: str = "offline"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -109,6 +163,11 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    recipe: str = "pretrain"  # "pretrain" | "sft" (loss on responses) | "dpo" (preference pairs)
     steps: int = 1000
     seed: int = 0  # parameter init (model.init == "random")
     log_every: int = 10
@@ -124,7 +183,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -166,8 +225,6 @@ def _validate(c: TrainConfig) -> None:
                                f"raise model.max_position_embeddings")
     if c.steps < 1:
         raise TrainConfigError(f"steps must be >= 1, got {c.steps}")
-    if m.remat not in ("none", "full", "dots"):
-        raise TrainConfigError(f"model.remat must be 'none', 'full' or 'dots', got {m.remat!r}")
     if o.warmup_steps < 0 or o.lr < 0 or o.clip_norm < 0 or o.z_loss < 0:
         raise TrainConfigError("optim.warmup_steps, lr, clip_norm and z_loss must be >= 0")
     if c.checkpoint.every < 1 or c.checkpoint.keep < 1:
@@ -176,6 +233,30 @@ def _validate(c: TrainConfig) -> None:
         raise TrainConfigError(f"distributed_timeout_s must be in [1, 3600] seconds, got {c.distributed_timeout_s}")
     if c.log_every < 1:
         raise TrainConfigError("log_every must be >= 1")
+    if c.recipe not in RECIPES:
+        raise TrainConfigError(f"recipe must be one of {', '.join(RECIPES)}, got {c.recipe!r}")
+    lo = c.lora
+    if lo.rank < 0 or lo.tile_size < 0:
+        raise TrainConfigError(f"lora.rank and lora.tile_size must be >= 0, got {lo.rank}, {lo.tile_size}")
+    if lo.quantize not in LORA_QUANTIZE:
+        raise TrainConfigError(f"lora.quantize must be one of {', '.join(LORA_QUANTIZE)}, got {lo.quantize!r}")
+    if lo.quantize != "none" and lo.rank == 0:
+        raise TrainConfigError("lora.quantize (QLoRA) needs adapters: set lora.rank > 0")
+    if lo.rank and o.trainable:
+        raise TrainConfigError("optim.trainable (freezing by path) and lora.rank > 0 exclude each other: with LoRA "
+                               "only the adapters are trained")
+    for name, pattern in (("lora.modules", lo.modules), ("optim.trainable", o.trainable)):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise TrainConfigError(f"{name}={pattern!r} is not a valid regular expression ({e})") from None
+    if c.dpo.loss not in ("sigmoid", "ipo"):
+        raise TrainConfigError(f"dpo.loss must be 'sigmoid' or 'ipo', got {c.dpo.loss!r}")
+    if not c.dpo.beta > 0 or not 0 <= c.dpo.label_smoothing < 0.5:
+        raise TrainConfigError(f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5), got {c.dpo.beta}, "
+                               f"{c.dpo.label_smoothing}")
+    if c.eval.every < 0 or c.eval.batches < 1:
+        raise TrainConfigError(f"eval.every must be >= 0 and eval.batches >= 1, got {c.eval.every}, {c.eval.batches}")
 
 
 # ---------------------------------------------------------------------- files and overrides
@@ -227,14 +308,20 @@ def _build(cls, d: Any, where: str):
         raise TrainConfigError(f"{where or 'config'}: expected a section (mapping), got {d!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    d = _nest_flattened(cls, d, fields, where)
     unknown = set(d) - set(fields)
     if unknown:
+        valid = set(fields)
+        for name in _flattened_fields(cls):
+            valid = (valid - {name}) | {g.name for g in dataclasses.fields(hints[name])}
         raise TrainConfigError(f"unknown key(s) {sorted(where + k for k in unknown)}; "
-                               f"valid keys{' of ' + where[:-1] if where else ''}: {sorted(fields)}")
+                               f"valid keys{' of ' + where[:-1] if where else ''}: {sorted(valid)}")
     kw = {}
     for name, value in d.items():
         t = hints[name]
-        if dataclasses.is_dataclass(t):
+        if dataclasses.is_dataclass(value):  # a flattened sub-config, already built
+            kw[name] = value
+        elif dataclasses.is_dataclass(t):
             kw[name] = _build(t, value, f"{where}{name}.")
         else:
             kw[name] = _coerce(value, t, where + name)
@@ -244,6 +331,50 @@ def _build(cls, d: Any, where: str):
         raise
     except (TypeError, ValueError) as e:
         raise TrainConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _flattened_fields(cls) -> dict[str, dataclasses.Field]:
+    """The dataclass fields of ``cls`` whose own fields are written flat in ``cls``'s section."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("flatten")}
+
+
+def _nest_flattened(cls, d: dict, fields: dict, where: str) -> dict:
+    """Move the keys that belong to a flattened sub-config (``model.hidden_size`` → ``model.llama``)."""
+    flat = _flattened_fields(cls)
+    if not flat:
+        return d
+    d = dict(d)
+    for name, f in flat.items():
+        sub_type = typing.get_type_hints(cls)[name]
+        sub_fields = {g.name for g in dataclasses.fields(sub_type)}
+        if isinstance(d.get(name), dict):
+            raise TrainConfigError(f"write the {name} fields flat in this section (e.g. {sorted(sub_fields)[0]}=...), "
+                                   f"not as a nested {name!r} section")
+        picked = {k: d.pop(k) for k in list(d) if k in sub_fields and k not in fields}
+        base = dataclasses.asdict(f.default_factory()) if f.default_factory is not dataclasses.MISSING else {}
+        kw = {}
+        hints = typing.get_type_hints(sub_type)
+        for k, v in picked.items():
+            kw[k] = _coerce(v, hints[k], where + k)
+        try:
+            d[name] = sub_type(**{**base, **kw})
+        except (TypeError, ValueError) as e:
+            raise TrainConfigError(f"{where[:-1] or 'config'}: {e}") from e
+    return d
+
+
+def _to_dict(obj) -> dict:
+    """Like ``dataclasses.asdict`` but writes flattened sub-configs flat (the file form)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.metadata.get("flatten"):
+            out.update(dataclasses.asdict(v))
+        elif dataclasses.is_dataclass(v):
+            out[f.name] = _to_dict(v)
+        else:
+            out[f.name] = v
+    return out
 
 
 def _coerce(value, t, key: str):

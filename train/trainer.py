@@ -71,15 +71,12 @@ class DataIterator(Protocol):
 # ====================================================================== model / vocabulary
 
 def llama_config(mc, init_cfg: LlamaConfig | None = None) -> LlamaConfig:
-    """The LlamaConfig to train: the init checkpoint's shape (if any) + our run-time fields."""
-    runtime = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat, scan_layers=mc.scan_layers)
-    if init_cfg is not None:
-        return init_cfg.replace(**runtime)
-    return LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-                       num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
-                       num_key_value_heads=mc.num_key_value_heads, max_position_embeddings=mc.max_position_embeddings,
-                       rope_theta=mc.rope_theta, rms_norm_eps=mc.rms_norm_eps,
-                       tie_word_embeddings=mc.tie_word_embeddings, **runtime)
+    """The LlamaConfig to train: ``model.llama``, or the init checkpoint's shape with ``model.llama``'s
+    run-time fields (dtype, param_dtype, remat, scan_layers)."""
+    if init_cfg is None:
+        return mc.llama
+    runtime = {k: getattr(mc.llama, k) for k in ("dtype", "param_dtype", "remat", "scan_layers")}
+    return init_cfg.replace(**runtime)
 
 
 def modality_table(vocab_size: int, layout: str = "auto", init_dir: str | None = None) -> np.ndarray:
@@ -427,7 +424,7 @@ class Trainer:
         mc = cfg.model
         init_cfg = llama_cfg
         if params is None and mc.init != "random":
-            init_cfg, params = load_init_params(mc.init, self.mesh, mc)
+            init_cfg, params = load_init_params(mc.init, self.mesh, mc.llama)
         self.llama_cfg = llama_config(mc, init_cfg)
         if cfg.data.seq_len > self.llama_cfg.max_position_embeddings:
             src = f"model.init {mc.init}" if init_cfg is not None else "model.max_position_embeddings"
