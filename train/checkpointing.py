@@ -393,7 +393,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 # Fields that shape the train state (model arrays, optimizer-state tree); the others may change on resume.
-_STATE_SECTIONS = ("model.", "optim.")
+_STATE_SECTIONS = ("model.", "optim.", "lora.")
 
 
 def _config_diff(saved: dict | None, now: dict | None) -> list[str]:

@@ -4,6 +4,13 @@
   spiritlm-jax train model.init=/ckpt/spirit-lm-base-7b-jax data.path=/data/spiritlm_corpus/asr/1.0.0 ...
   spiritlm-jax train --extend-vocab /hf/Llama-2-7b /ckpt/llama2-spiritlm-expressive --layout expressive
   spiritlm-jax train --print-config [--config FILE key=value ...]
+  spiritlm-jax train --config configs/sft_lora.json model.init=/ckpt/spirit-lm-base-7b-jax data.path=DS
+  spiritlm-jax train recipe=dpo lora.rank=16 model.init=... data.path=DS   # recipe=pretrain|sft|dpo
+
+Recipes: pretrain (next token on every token), sft (loss on the response tokens of `prepare --sft`
+records), dpo (preference pairs). lora.rank>0 trains LoRA adapters (qwix) on a frozen base,
+lora.quantize=int8|int4|nf4 stores that base quantized (QLoRA), optim.trainable=REGEX trains only the
+matching parameter paths; eval.every=N runs held-out validation (docs/finetune.md). Presets: configs/.
 
 The config is the dataclass tree in spiritlm_jax/train/config.py (sections model, optim, data, mesh,
 checkpoint, and top-level steps, seed, log_every, ...); a FILE (.json/.toml/.yaml) gives values and each
@@ -38,29 +45,53 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layout", choices=("base", "expressive"), default="expressive",
                         help="target layout for --extend-vocab (default: expressive)")
     parser.add_argument("--vocab-seed", type=int, default=0, help="seed of the new rows for --extend-vocab")
-    parser.add_argument("--overwrite", action="store_true", help="--extend-vocab: replace a non-empty OUT")
+    parser.add_argument("--overwrite", action="store_true", help="--extend-vocab / --export: replace a non-empty OUT")
+    parser.add_argument("--export", metavar="OUT",
+                        help="do not train: restore the newest checkpoint of this config's checkpoint.dir and write "
+                             "the model to OUT as a converted spiritlm-jax Llama directory (LoRA adapters merged "
+                             "into the base; QLoRA dequantized), usable as model.init or by SpiritLM")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="--export: write only the LoRA adapters (small) and an adapter_config.json")
 
 
-def make_data_iterator(cfg, vocab_size: int):
-    """The host-local batch iterator named by ``cfg.data``."""
+def make_data_iterator(cfg, vocab_size: int, *, path: str | None = None, split: str | None = None,
+                       held_out: bool = False):
+    """The host-local batch iterator named by ``cfg.data``; ``path``/``split``/``held_out`` (one pass, no
+    repeat) give the validation data of ``eval``."""
     import jax
 
-    from .trainer import SyntheticIterator
+    from .trainer import SyntheticIterator, TrainingError
 
     d = cfg.data
-    if d.path == "synthetic":
-        return SyntheticIterator(d.batch_size, d.seq_len, vocab_size, d.seed,
+    path = path or d.path
+    if path == "synthetic":
+        if cfg.recipe != "pretrain":
+            raise TrainingError(f"recipe={cfg.recipe} needs a prepared dataset with an {cfg.recipe!r} split "
+                                f"(`spiritlm-jax prepare --sft MANIFEST.jsonl`): set data.path")
+        return SyntheticIterator(d.batch_size, d.seq_len, vocab_size, d.seed + (1 if held_out else 0),
                                  process_index=jax.process_index(), process_count=jax.process_count())
+    tok = d.tokenizer or (cfg.model.init if cfg.model.init != "random" else "")
+    if not tok:
+        raise TrainingError("a prepared dataset needs a tokenizer: set data.tokenizer=LM_DIR (or model.init)")
+    rows = d.batch_size // jax.process_count()
+    if cfg.recipe in ("sft", "dpo"):
+        from .sft import make_iterator as make_sft_iterator
+
+        return make_sft_iterator(path, tok, kind=cfg.recipe, seq_len=d.seq_len, batch_size=rows, seed=d.seed,
+                                 split=split or None, num_epochs=1 if held_out else None)
     from .loader import LoaderConfig, make_iterator
     from .sequences import SequenceConfig
 
-    tok = d.tokenizer or (cfg.model.init if cfg.model.init != "random" else "")
-    if not tok:
-        from .trainer import TrainingError
+    return make_iterator(LoaderConfig(path, tok, seq_len=d.seq_len, batch_size=rows, seed=d.seed,
+                                      num_epochs=1 if held_out else None, sequence=SequenceConfig(expressive=d.expressive)))
 
-        raise TrainingError("a prepared dataset needs a tokenizer: set data.tokenizer=LM_DIR (or model.init)")
-    return make_iterator(LoaderConfig(d.path, tok, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
-                                      seed=d.seed, sequence=SequenceConfig(expressive=d.expressive)))
+
+def make_eval_data(cfg, vocab_size: int):
+    """A factory of fresh held-out iterators (``eval.path`` or ``data.path``, split ``eval.split``), or None."""
+    if not cfg.eval.every:
+        return None
+    path = cfg.eval.path or cfg.data.path
+    return lambda: make_data_iterator(cfg, vocab_size, path=path, split=cfg.eval.split, held_out=True)
 
 
 def run(args) -> int:
@@ -85,7 +116,32 @@ def run(args) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
+    if args.export:
+        return export(cfg, args.export, adapters_only=args.adapters_only, overwrite=args.overwrite)
     return train(cfg)
+
+
+def export(cfg, out: str, *, adapters_only: bool = False, overwrite: bool = False) -> int:
+    """``--export OUT``: the trained model of ``cfg.checkpoint.dir`` (newest checkpoint) → OUT."""
+    from spiritlm_jax.converters.torch_io import CheckpointError
+    from .peft import export_merged
+    from .trainer import Trainer, TrainingError
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg.override("checkpoint.resume=true"), _LazyData(cfg))
+        if not trainer.ckpt.all_steps():
+            raise TrainingError(f"{cfg.checkpoint.dir} holds no checkpoint to export; train first (same config)")
+        trainer.initialize()
+        path = export_merged(trainer, out, adapters_only=adapters_only, overwrite=overwrite)
+    except (TrainingError, CheckpointError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+    print(f"wrote {path}")
+    return 0
 
 
 def train(cfg) -> int:
@@ -133,6 +189,7 @@ def _train(cfg, ckdir: Path) -> int:
     try:
         trainer = Trainer(cfg, _LazyData(cfg))
         trainer.data.open(trainer.llama_cfg.vocab_size)
+        trainer.eval_data = make_eval_data(cfg, trainer.llama_cfg.vocab_size)
         trainer.initialize()  # resume (or refuse a checkpoint of another config) BEFORE anything is written
         if jax.process_index() == 0:
             ckdir.mkdir(parents=True, exist_ok=True)
@@ -191,4 +248,5 @@ class _LazyData:
         return self.it.get_state()
 
     def set_state(self, state):
-        self.it.set_state(state)
+        if self.it is not None:  # --export restores a checkpoint without reading data
+            self.it.set_state(state)

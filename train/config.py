@@ -136,13 +136,14 @@ class DpoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Validation while training: every ``every`` steps (0 = never), ``batches`` batches of the
-    held-out ``split`` of ``path`` (default: ``data.path``) — loss and accuracy per modality (SFT/
-    pretrain) or preference accuracy and reward margin (DPO), logged as ``eval/*``."""
+    """Validation while training: every ``every`` steps (0 = never), the first ``batches`` batches of a
+    held-out prepared dataset ``path`` (e.g. ``prepare --sft heldout.jsonl``; default ``data.path``,
+    one pass) — loss and accuracy per modality (pretrain/SFT) or preference accuracy, reward margin and
+    KL (DPO), logged as ``eval/*``. ``split``: which split of it ("" = the recipe's: sft / dpo)."""
 
     every: int = 0
     path: str = ""
-    split: str = "validation"
+    split: str = ""
     batches: int = 4
 
 

@@ -40,6 +40,7 @@ from spiritlm_jax.train.sequences import SequenceBuilder, SequenceConfig, Sequen
 __all__ = ["LoaderError", "LoaderConfig", "open_sources", "make_dataset", "make_iterator", "BATCH_KEYS"]
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
+CORPUS_SPLITS = ("text", "speech", "aligned")  # the sft / dpo splits are read by train/sft.py
 
 
 class LoaderError(ValueError):
@@ -137,7 +138,8 @@ def make_dataset(cfg: LoaderConfig, *, tokenizer=None, sources: Mapping[str, Any
     if cfg.sequence.expressive and meta and not meta.get("expressive", False):
         raise LoaderError(f"{cfg.data_dir} was prepared without pitch/style units; expressive sequences need "
                           f"`spiritlm-jax prepare --expressive`")
-    weights = dict(cfg.weights) if cfg.weights is not None else {s: 1.0 for s in sources if len(sources[s])}
+    weights = dict(cfg.weights) if cfg.weights is not None else {
+        s: 1.0 for s in sources if len(sources[s]) and s in CORPUS_SPLITS}
     unknown = set(weights) - set(sources)
     if unknown:
         raise LoaderError(f"weights name splits {sorted(unknown)} that {cfg.data_dir} does not have "

@@ -61,7 +61,7 @@ __all__ = [
 
 DATASET_NAME = "spiritlm_corpus"
 VERSION = "1.0.0"
-SPLITS = ("text", "speech", "aligned")
+SPLITS = ("text", "speech", "aligned", "sft", "dpo")  # sft / dpo: train/sft.py records
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".sph")
 ALIGNMENT_EXTENSIONS = (".TextGrid", ".textgrid", ".ctm", ".json", ".tsv")
 TRANSCRIPT_EXTENSIONS = (".txt", ".lab")
@@ -196,7 +196,7 @@ def _sibling(path: Path, exts: Sequence[str], other_root: Path | None = None, ba
 
 def discover(text: Sequence[str] = (), audio: Sequence[str] = (), aligned: Sequence[str] = (),
              alignment_dir: str | None = None, manifests: Sequence[str] = (), text_unit: str = "file",
-             tier: str | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
+             tier: str | None = None, sft: Sequence[str] = ()) -> tuple[dict[str, list[dict]], list[dict]]:
     """Inputs → (items per split, skipped items). An item is a JSON-able dict the pipeline processes.
 
     * ``text``: .txt/.jsonl files or folders of them;
@@ -240,6 +240,13 @@ def discover(text: Sequence[str] = (), audio: Sequence[str] = (), aligned: Seque
     for m in manifests:
         for it in read_manifest(m, text_unit=text_unit, tier=tier):
             items[it["kind"]].append(it)
+    for m in sft:  # supervised / preference records (train/sft.py)
+        from .sft import read_sft_manifest
+
+        its, bad = read_sft_manifest(m)
+        for it in its:
+            items[it["kind"]].append(it)
+        skipped += [dict(d, split="sft") for d in bad]
     seen: dict[str, str] = {}
     for split, its in items.items():
         for it in its:
@@ -345,6 +352,7 @@ def merge_stats(parts: Iterable[dict]) -> dict:
 def _empty_example(item_id: str, kind: str, streams: Sequence[str]) -> dict:
     ex = {"id": item_id, "kind": kind, "text": "", "num_samples": 0, "words": [],
           "word_start": np.zeros(0, np.int64), "word_end": np.zeros(0, np.int64)}
+    ex.update({f: "" for f in SFT_FIELDS})
     for s in streams:
         for suf in ("", "_start", "_end"):
             ex[s + suf] = np.zeros(0, np.int32)
@@ -392,6 +400,19 @@ def process_text_item(item: dict, streams: Sequence[str]) -> tuple[list[tuple[st
     s = _empty_stats()
     s.update(files=1, ok=1, documents=len(out), words=sum(len(d.split()) for d in docs))
     return out, s
+
+
+SFT_FIELDS = ("prompt", "response", "chosen", "rejected")  # rendered strings of sft / dpo records
+
+
+def load_audio_file(path: str):
+    """16 kHz mono waveform of a local path or URL; an unreadable file is a ``_Skip``."""
+    try:
+        return load_audio(read_bytes(path) if _is_url(path) else path)
+    except (OSError, AudioError) as e:
+        raise _Skip("unreadable_audio", f"{path}: {e}") from None
+    except Exception as e:  # decoders raise assorted errors on corrupt files
+        raise _Skip("unreadable_audio", f"{path}: {type(e).__name__}: {e}") from None
 
 
 def _load_item(item: dict, duration_tolerance: float):
@@ -535,6 +556,8 @@ def _features(expressive: bool):
         "word_start": tfds.features.Tensor(shape=(None,), dtype=np.int64),
         "word_end": tfds.features.Tensor(shape=(None,), dtype=np.int64),
     }
+    for name in SFT_FIELDS:
+        f[name] = tfds.features.Text()
     for s in ("hubert", "pitch", "style") if expressive else ("hubert",):
         for suf in ("", "_start", "_end"):
             f[s + suf] = tfds.features.Tensor(shape=(None,), dtype=np.int32)
@@ -669,6 +692,10 @@ def _beam_classes():
             if self.split == "text":
                 res = items | "text" >> beam.ParDo(TextDoFn(o, self.split, self.total)).with_outputs("stats",
                                                                                                      main="examples")
+            elif self.split in ("sft", "dpo"):
+                res = (items | "batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=o.batch_files)
+                       | "records" >> beam.ParDo(SftDoFn(o, self.split, self.total)).with_outputs(
+                           "stats", main="examples"))
             else:
                 res = (items | "batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=o.batch_files)
                        | "tokenize" >> beam.ParDo(SpeechDoFn(o, self.split, self.total)).with_outputs(
@@ -677,7 +704,31 @@ def _beam_classes():
                  | "write_stats" >> beam.Map(_write_stats, f"{o.work_dir}/stats-{self.split}.json"))
             return res.examples
 
-    _BEAM.update(SplitPipeline=SplitPipeline, TextDoFn=TextDoFn, SpeechDoFn=SpeechDoFn)
+    class SftDoFn(beam.DoFn):
+        """SFT / DPO records: the speech tokenizers load only if some record has audio."""
+
+        def __init__(self, opts: PrepareOptions, split: str, total: int):
+            self.opts, self.split, self.total = opts, split, total
+            self.extractor = None
+
+        def process(self, batch):
+            from .sft import audio_items, process_sft_items
+
+            o = self.opts
+            if self.extractor is None and any(audio_items(it["record"]) for it in batch):
+                if o.speech_tokenizer is None:
+                    raise PrepareError("records with audio need the speech tokenizer checkpoints (--speech-tokenizer DIR)")
+                self.extractor = UnitExtractor(o.speech_tokenizer, o.expressive, pitch_backbone=o.pitch_backbone,
+                                               fcpe_path=o.fcpe_path, max_batch_samples=o.max_batch_samples)
+            exs, stats = process_sft_items(batch, self.extractor, o.expressive)
+            for s in stats:
+                _count(s)
+            _Progress.update(self.split, self.total, len(batch), o.progress)
+            yield from exs
+            for s in stats:
+                yield beam.pvalue.TaggedOutput("stats", s)
+
+    _BEAM.update(SplitPipeline=SplitPipeline, TextDoFn=TextDoFn, SpeechDoFn=SpeechDoFn, SftDoFn=SftDoFn)
     return _BEAM
 
 
@@ -697,6 +748,11 @@ def _all_skipped_message(split: str, work: str, items: dict, discovery_skips: Se
             f"nothing to write (TFDS refuses an empty split) and no dataset was created. Fix or remove those "
             f"inputs; the reasons:\n{summary}")
 
+def _has_audio(item: dict) -> bool:
+    from .sft import audio_items
+
+    return bool(audio_items(item["record"]))
+
 
 def build_dataset(items: dict[str, list[dict]], data_dir: str, name: str, options: PrepareOptions, *,
                   beam_args: Sequence[str] = (), discovery_skips: Sequence[dict] = (), overwrite: bool = False):
@@ -714,7 +770,8 @@ def build_dataset(items: dict[str, list[dict]], data_dir: str, name: str, option
         raise PrepareError("no inputs to prepare (give --text, --audio, --aligned or --manifest)")
     if not re.fullmatch(r"[a-z0-9_]+", name):
         raise PrepareError(f"the corpus name {name!r} must be lower-case letters, digits and '_' (a TFDS config name)")
-    if options.speech_tokenizer is None and (items.get("speech") or items.get("aligned")):
+    if options.speech_tokenizer is None and (items.get("speech") or items.get("aligned") or any(
+            _has_audio(it) for s in ("sft", "dpo") for it in items.get(s, []))):
         raise PrepareError("speech inputs need the speech tokenizer checkpoints (--speech-tokenizer DIR)")
     work = options.work_dir or f"{data_dir}/{DATASET_NAME}/{name}/_prepare"
     options = dataclasses.replace(options, work_dir=work)
@@ -756,6 +813,7 @@ def build_dataset(items: dict[str, list[dict]], data_dir: str, name: str, option
             per_split[s] = None
     if discovery_skips:
         extra = merge_stats(_skip_stats(d["id"], d["reason"], d["message"]) for d in discovery_skips)
-        split = "aligned"
+        split = next((s for s in ("sft", "dpo") if s in per_split and any(d.get("split") == s for d in discovery_skips)),
+                     "aligned")
         per_split[split] = merge_stats([per_split.get(split) or _empty_stats(), extra])
     return str(builder.data_dir), per_split

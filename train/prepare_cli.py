@@ -12,6 +12,10 @@ Inputs (any mix; folders are searched recursively):
                     16 kHz WAVs + word alignments from the engine's own word events (--tts-dir), then
                     prepared as --aligned inputs; --tts-voices/--tts-rates/--tts-pitches/--tts-seed vary
                     the speech; --list-voices prints the voices (train/tts.py)
+  --sft FILE        JSONL of fine-tuning records: {"prompt": [items], "response": [items]} (SFT),
+                    {"task": "asr"|"tts", "audio": ..., "text": ...} (the eval tasks' prompt formats),
+                    {"prompt": [...], "chosen": [...], "rejected": [...]} (DPO); an item is {"text": ...}
+                    or {"audio": path, "start": s, "end": s}. See docs/finetune.md.
 
 Speech is tokenized with the batched HuBERT tokenizer (+ pitch and style with --expressive) from the
 original speech_tokenizer checkpoints, keeping each unit's time range. The job runs on Apache Beam
@@ -44,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder (or file) of audio with word alignments (repeatable)")
     g.add_argument("--alignment-dir", metavar="DIR", help="where --aligned's alignments live, if not beside the audio")
     g.add_argument("--manifest", action="append", default=[], metavar="FILE", help="JSONL manifest (repeatable)")
+    g.add_argument("--sft", action="append", default=[], metavar="FILE",
+                   help="JSONL of supervised {prompt, response} / shorthand {task: asr|tts, audio, text} / "
+                        "preference {prompt, chosen, rejected} records (repeatable; docs/finetune.md) → the sft "
+                        "and dpo splits")
     g.add_argument("--text-unit", choices=("file", "paragraph", "line"), default="file",
                    help="how a .txt file splits into documents (default: file)")
     g.add_argument("--tier", help="TextGrid tier holding the words (default: 'words' or the only interval tier)")
@@ -143,13 +151,14 @@ def run(args: argparse.Namespace) -> int:
             args.aligned = list(args.aligned) + [synthesize(args)]
         items, skipped = prepare.discover(text=args.text, audio=args.audio, aligned=args.aligned,
                                     alignment_dir=args.alignment_dir, manifests=args.manifest,
-                                    text_unit=args.text_unit, tier=args.tier)
+                                    text_unit=args.text_unit, tier=args.tier, sft=args.sft)
         opts = prepare.PrepareOptions(speech_tokenizer=args.speech_tokenizer, expressive=args.expressive,
                                 pitch_backbone=args.pitch_backbone, fcpe_path=args.fcpe_path,
                                 batch_files=args.batch_files, max_batch_samples=args.max_batch_samples,
                                 duration_tolerance=args.duration_tolerance, progress=not args.no_progress)
         print(f"inputs: {len(items['text'])} text, {len(items['speech'])} speech, {len(items['aligned'])} aligned "
-              f"file(s); {len(skipped)} skipped before processing", file=sys.stderr)
+              f"file(s), {len(items['sft'])} sft and {len(items['dpo'])} dpo record(s); {len(skipped)} skipped "
+              f"before processing", file=sys.stderr)
         data_dir, stats = prepare.build_dataset(items, args.output, args.name, opts, beam_args=args.beam,
                                           discovery_skips=skipped, overwrite=args.overwrite)
     except (prepare.PrepareError, TTSError) as e:

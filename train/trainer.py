@@ -152,6 +152,9 @@ class StateLayout:
     shardings: Any
     batch_sharding: NamedSharding
     mesh: jax.sharding.Mesh
+    # The frozen parameters (train/peft.py ParamPlan): an argument of the step, never checkpointed.
+    frozen_abstract: Any = None
+    frozen_shardings: Any = None
 
 
 def _boxed_state(model: Llama, tx, rng):
@@ -182,6 +185,58 @@ def init_state(model: Llama, tx, layout: StateLayout, seed: int = 0, params=None
         return fn(params)
 
 
+def plan_layout(plan, tx, mesh, *, reference: bool = False) -> StateLayout:
+    """The layout of a :class:`~spiritlm_jax.train.peft.ParamPlan` run: the train state holds only the
+    trainable parameters (and their AdamW moments); the frozen ones (plus, with ``reference``, a copy of
+    the starting trainable parameters for DPO) get their own shardings."""
+    from .peft import frozen_abstract
+
+    boxed_full = jax.eval_shape(lambda: plan.boxed_params(jax.random.PRNGKey(0)))
+    plan.check(boxed_full)
+    boxed_tr, boxed_fr = plan.split(boxed_full)
+    boxed = jax.eval_shape(lambda: {"params": boxed_tr, "opt_state": tx.init(boxed_tr),
+                                    "step": jnp.zeros((), jnp.int32)})
+    abstract = nn.meta.unbox(boxed)
+    shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    ref = (abstract["params"], shardings["params"]) if reference and not plan.is_lora else None
+    fr_abstract, fr_shardings = frozen_abstract(plan, boxed_fr, mesh, ref)
+    batch_sh = NamedSharding(mesh, shd.logical_spec("batch", None))
+    return StateLayout(abstract, shardings, batch_sh, mesh, fr_abstract, fr_shardings)
+
+
+def init_plan_state(plan, tx, layout: StateLayout, seed: int = 0, params=None):
+    """(train state, frozen tree), sharded: the frozen part from ``params`` (all base parameters, e.g. a
+    loaded checkpoint) or a seeded random init; the trainable part from ``params`` too, except LoRA
+    adapters, which always start from their seeded init (B = 0: the run starts at the base model)."""
+    names = jax.eval_shape(lambda: plan.split(plan.boxed_params(jax.random.PRNGKey(0)))[1])
+    names = jax.tree.map(lambda b: tuple(b.names) if isinstance(b, nn.LogicallyPartitioned) else (None,) * b.ndim,
+                         names, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    want_reference = "reference" in layout.frozen_abstract
+    fr_sh = layout.frozen_shardings
+
+    def build(key, given):
+        full = nn.meta.unbox(plan.boxed_params(key))
+        if given is not None:
+            from .peft import merge_trees
+
+            full = merge_trees(plan.split(full)[0] if plan.is_lora else {}, given)
+        trainable, frozen = plan.split(full)
+        trainable = jax.tree.map(lambda x, a: x.astype(a.dtype), trainable, layout.abstract["params"])
+        frozen_tree = {"params": plan.quantize_frozen(frozen, names)}
+        if want_reference:
+            frozen_tree["reference"] = trainable
+        state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
+        return state, frozen_tree
+
+    # No mesh context here: qwix's adapter init re-boxes values under the logical rules and trips over
+    # scan-stacked names; the out_shardings place every leaf anyway.
+    out_sh = (layout.shardings, fr_sh)
+    if params is None:
+        return jax.jit(lambda k: build(k, None), out_shardings=out_sh)(jax.random.PRNGKey(seed))
+    return jax.jit(build, out_shardings=out_sh)(jax.random.PRNGKey(seed), params)
+
+
 # ====================================================================== loss and step
 
 def loss_and_metrics(logits, targets, loss_mask, modality, z_loss: float, denom):
@@ -206,24 +261,29 @@ def loss_and_metrics(logits, targets, loss_mask, modality, z_loss: float, denom)
     return (sums["nll"] + sums["z"]) / denom, sums
 
 
-def make_train_step(model: Llama, tx, sched, modality: np.ndarray, *, grad_accum: int = 1, z_loss: float = 0.0):
-    """``step(state, batch) -> (state, metrics)``; jit it with ``jit_train_step``."""
+def make_train_step(model: Llama, tx, sched, modality: np.ndarray, *, grad_accum: int = 1, z_loss: float = 0.0,
+                    plan=None):
+    """``step(state, batch) -> (state, metrics)``; jit it with ``jit_train_step``. With a ``plan``
+    (train/peft.py) the step is ``step(state, batch, frozen)`` and the model is applied through it."""
     modality = jnp.asarray(modality)
 
-    def micro_grads(params, mb, denom):
+    def micro_grads(params, mb, denom, frozen):
         def f(p):
-            logits, _ = model.apply({"params": p}, mb["tokens"], positions=mb["positions"],
-                                    segment_ids=mb["segment_ids"])
+            if plan is None:
+                logits, _ = model.apply({"params": p}, mb["tokens"], positions=mb["positions"],
+                                        segment_ids=mb["segment_ids"])
+            else:
+                logits = plan.logits(p, frozen, mb["tokens"], mb["positions"], mb["segment_ids"])
             return loss_and_metrics(logits, mb["targets"], mb["loss_mask"], modality, z_loss, denom)
 
         (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, sums
 
-    def step(state, batch):
+    def step(state, batch, frozen=None):
         params = state["params"]
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         if grad_accum == 1:
-            grads, sums = micro_grads(params, batch, denom)
+            grads, sums = micro_grads(params, batch, denom, frozen)
         else:
             B = batch["tokens"].shape[0]
 
@@ -236,12 +296,12 @@ def make_train_step(model: Llama, tx, sched, modality: np.ndarray, *, grad_accum
 
             def body(carry, mb):
                 g_acc, s_acc = carry
-                g, s = micro_grads(params, mb, denom)
+                g, s = micro_grads(params, mb, denom, frozen)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
                 s_acc = jax.tree.map(jnp.add, s_acc, s)
                 return (g_acc, s_acc), None
 
-            s0 = jax.eval_shape(lambda: micro_grads(params, jax.tree.map(lambda x: x[0], mbs), denom)[1])
+            s0 = jax.eval_shape(lambda: micro_grads(params, jax.tree.map(lambda x: x[0], mbs), denom, frozen)[1])
             s0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), s0)
             (grads, sums), _ = jax.lax.scan(body, (zeros, s0), mbs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
@@ -270,7 +330,10 @@ def make_train_step(model: Llama, tx, sched, modality: np.ndarray, *, grad_accum
 
 def jit_train_step(step_fn, layout: StateLayout, donate: bool = True):
     batch_sh = {k: layout.batch_sharding for k in BATCH_KEYS}
-    return jax.jit(step_fn, in_shardings=(layout.shardings, batch_sh),
+    in_sh = (layout.shardings, batch_sh)
+    if layout.frozen_shardings is not None:
+        in_sh += (layout.frozen_shardings,)
+    return jax.jit(step_fn, in_shardings=in_sh,
                    out_shardings=(layout.shardings, NamedSharding(layout.mesh, P())),
                    donate_argnums=(0,) if donate else ())
 
@@ -411,10 +474,17 @@ class Trainer:
     ``Trainer(cfg, data_iter)``; ``train()`` runs to ``cfg.steps`` (or ``until``) and returns the logged
     history. Resumes from ``cfg.checkpoint.dir`` when it holds a checkpoint and ``checkpoint.resume``.
     ``params`` (optional) starts from given parameters instead of ``model.init`` (tests, vocab extension).
+
+    The recipe (``cfg.recipe``): ``pretrain`` and ``sft`` share the next-token step (SFT batches carry a
+    ``loss_mask`` on response tokens only); ``dpo`` takes preference-pair batches (train/dpo.py). Which
+    parameters train — all, those matching ``optim.trainable``, or LoRA adapters — is the
+    :class:`~spiritlm_jax.train.peft.ParamPlan` (``self.plan``); the frozen rest is ``self.frozen``.
+    ``eval_data`` (optional): a callable returning a fresh held-out iterator, run every ``eval.every``.
     """
 
     def __init__(self, cfg: TrainConfig, data: DataIterator, *, mesh=None, params=None,
-                 llama_cfg: LlamaConfig | None = None, modality: np.ndarray | None = None, console=None):
+                 llama_cfg: LlamaConfig | None = None, modality: np.ndarray | None = None, console=None,
+                 eval_data=None):
         from .checkpointing import Checkpointer
 
         self.cfg = cfg
@@ -433,8 +503,17 @@ class Trainer:
         self.model = Llama(self.llama_cfg)
         self.modality = modality if modality is not None else modality_table(
             self.llama_cfg.vocab_size, mc.vocab_layout, None if mc.init == "random" else mc.init)
+        from .peft import ParamPlan
+
+        self.plan = ParamPlan.from_config(cfg, self.llama_cfg)
         self.tx, self.sched = make_optimizer(cfg.optim, cfg.steps)
-        self.layout = state_layout(self.model, self.tx, self.mesh)
+        self.layout = plan_layout(self.plan, self.tx, self.mesh, reference=cfg.recipe == "dpo")
+        if cfg.recipe == "dpo" and cfg.optim.grad_accum != 1:
+            raise TrainingError("recipe=dpo runs one micro-batch per step: set optim.grad_accum=1 (and lower "
+                                "data.batch_size, the number of pairs, to fit memory)")
+        self.frozen = None
+        self.eval_data = eval_data
+        self._eval_fn = None
         self._init_params = params
         self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.state = None
@@ -461,11 +540,14 @@ class Trainer:
         if restored is not None:
             step, state, data_state, meta = restored
             self.state = state
+            # The frozen parameters never change: rebuilt from model.init (the same seed / checkpoint).
+            self.frozen = init_plan_state(self.plan, self.tx, self.layout, self.cfg.seed, self._init_params)[1]
             self.data.set_state(data_state)
             self.start_step = int(step)
             self._say(f"resumed from {self.ckpt.directory}/{step}")
         else:
-            self.state = init_state(self.model, self.tx, self.layout, self.cfg.seed, self._init_params)
+            self.state, self.frozen = init_plan_state(self.plan, self.tx, self.layout, self.cfg.seed,
+                                                      self._init_params)
             self.start_step = 0
         self._init_params = None
         self._forget_metrics_after(self.start_step)
@@ -484,17 +566,98 @@ class Trainer:
             tmp.write_text("".join(kept))
             tmp.replace(f)
 
+    def _abstract_batch(self):
+        if self.cfg.recipe == "dpo":
+            from .dpo import abstract_pair_batch
+
+            return abstract_pair_batch(self.layout, self.cfg.data.batch_size, self.cfg.data.seq_len)
+        return abstract_batch(self.layout, self.cfg.data.batch_size, self.cfg.data.seq_len)
+
+    def _check_batch(self, batch):
+        if self.cfg.recipe == "dpo":
+            from .dpo import check_pair_batch
+
+            return check_pair_batch(batch, self.rows_per_host, self.cfg.data.seq_len, self.llama_cfg.vocab_size)
+        return check_batch(batch, self.rows_per_host, self.cfg.data.seq_len, self.llama_cfg.vocab_size)
+
     def compile(self):
         if self._step_fn is None:
-            step = make_train_step(self.model, self.tx, self.sched, self.modality,
-                                   grad_accum=self.cfg.optim.grad_accum, z_loss=self.cfg.optim.z_loss)
+            if self.cfg.recipe == "dpo":
+                from .dpo import make_dpo_step
+
+                step = make_dpo_step(self.plan, self.tx, self.sched, self.cfg.dpo)
+            else:
+                step = make_train_step(self.model, self.tx, self.sched, self.modality, plan=self.plan,
+                                       grad_accum=self.cfg.optim.grad_accum, z_loss=self.cfg.optim.z_loss)
             t0 = time.perf_counter()
             with shd.mesh_context(self.mesh):
                 jitted = jit_train_step(step, self.layout)
-                self._step_fn = jitted.lower(self.layout.abstract, abstract_batch(
-                    self.layout, self.cfg.data.batch_size, self.cfg.data.seq_len)).compile()
+                # The frozen arrays themselves (not their shapes): their device layouts (packed 4-bit
+                # QLoRA weights) are what the compiled step must accept.
+                self._step_fn = self._aot(jitted, self._abstract_batch())
             self.compile_seconds = time.perf_counter() - t0
         return self._step_fn
+
+    # -------------------------------------------------------------- validation
+    def evaluate(self) -> dict:
+        """Held-out metrics on ``eval.batches`` batches of a fresh ``eval_data()`` iterator (same batches
+        every time): token-weighted loss/accuracy per modality, or DPO's pair metrics averaged."""
+        if self.eval_data is None:
+            raise TrainingError("eval.every is set but there is no held-out data: set eval.path (a prepared "
+                                "dataset) or pass eval_data= to Trainer")
+        if self._eval_fn is None:
+            self._eval_fn = self._compile_eval()
+        it = self.eval_data()
+        totals, n = {}, 0
+        for _ in range(self.cfg.eval.batches):
+            try:
+                raw = next(it)
+            except StopIteration:
+                break
+            batch = global_batch(self._check_batch(raw), self.layout, self.cfg.data.batch_size)
+            out = jax.device_get(self._eval_fn(self.state, batch, self.frozen))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n += 1
+        if n == 0:
+            raise TrainingError("the held-out data (eval.path / eval.split) gave no batch")
+        if self.cfg.recipe == "dpo":
+            return {k: v / n for k, v in totals.items()}
+        m = {"loss": totals["nll"] / max(totals["count"], 1.0), "accuracy": totals["correct"] / max(totals["count"], 1.0),
+             "loss_tokens": totals["count"]}
+        for name in ("text", "speech"):
+            c = totals[f"count_{name}"]
+            m[f"loss_{name}"] = totals[f"nll_{name}"] / c if c else float("nan")
+            m[f"accuracy_{name}"] = totals[f"correct_{name}"] / c if c else float("nan")
+        return m
+
+    def _compile_eval(self):
+        if self.cfg.recipe == "dpo":
+            from .dpo import make_dpo_step
+
+            fn = make_dpo_step(self.plan, self.tx, self.sched, self.cfg.dpo, train=False)
+        else:
+            modality = jnp.asarray(self.modality)
+            plan = self.plan
+
+            def fn(state, batch, frozen):
+                logits = plan.logits(state["params"], frozen, batch["tokens"], batch["positions"],
+                                     batch["segment_ids"])
+                return loss_and_metrics(logits, batch["targets"], batch["loss_mask"], modality, 0.0, 1.0)[1]
+        batch_sh = jax.tree.map(lambda a: a.sharding, self._abstract_batch())
+        with shd.mesh_context(self.mesh):
+            jitted = jax.jit(fn, in_shardings=(self.layout.shardings, batch_sh, self.layout.frozen_shardings),
+                             out_shardings=NamedSharding(self.mesh, P()))
+            return self._aot(jitted, self._abstract_batch())
+
+    def _aot(self, jitted, batch):
+        """Compile ahead of time for the state/batch/frozen layouts. QLoRA with 4-bit weights keeps the jit
+        dispatch path instead: XLA:CPU may demand packed 4-bit layouts that arrays produced by another
+        computation lack, and dispatch re-lays them out."""
+        if self.plan.quantize in ("int4", "nf4"):
+            return jitted
+        frozen = self.frozen if self.frozen is not None else self.layout.frozen_abstract
+        return jitted.lower(self.layout.abstract, batch, frozen).compile()
 
     # -------------------------------------------------------------- loop
     def train(self, until: int | None = None) -> list[StepRecord]:
@@ -507,15 +670,16 @@ class Trainer:
         bar = self._progress(self.start_step, last)
         fpt = flops_per_token(self.llama_cfg, cfg.data.seq_len)
         peak = peak_tflops_per_device(cfg.peak_tflops_per_device) * 1e12 * jax.device_count()
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * (2 if cfg.recipe == "dpo" else 1)
         pending = None  # (step, metrics on device) of the previous step, checked one step late
         t_log, steps_since = time.perf_counter(), 0
         try:
             step = self.start_step
             while step < last:
-                batch = check_batch(next(self.data), self.rows_per_host, cfg.data.seq_len, self.llama_cfg.vocab_size)
+                batch = self._check_batch(next(self.data))
                 data_state = self.data.get_state()
-                self.state, metrics = step_fn(self.state, global_batch(batch, self.layout, cfg.data.batch_size))
+                self.state, metrics = step_fn(self.state, global_batch(batch, self.layout, cfg.data.batch_size),
+                                              self.frozen)
                 step += 1
                 self.ckpt.check()  # a background save that failed (disk full) stops the run here
                 steps_since += 1
@@ -536,6 +700,9 @@ class Trainer:
                         self.ckpt.save(step, self.state, data_state,
                                        {"config": cfg.to_dict(), "metrics": _json_safe(m)})
                         t_log = time.perf_counter()  # the save's host time is not step time
+                if cfg.eval.every and (step % cfg.eval.every == 0 or step == last):
+                    self._log_eval(step, self.evaluate(), writer)
+                    t_log = time.perf_counter()  # validation time is not step time
                 if bar is not None:
                     bar.update(1)
             if pending is not None:
@@ -570,11 +737,18 @@ class Trainer:
             print(msg, file=self.console, flush=True)
 
     def _tb_writer(self):
-        if not self.cfg.tensorboard or jax.process_index() != 0:
+        """TensorBoard (tensorboardX) and, with ``logging.wandb``, Weights & Biases, behind one
+        ``add_scalar``/``flush``/``close`` writer; None when neither is on or on hosts other than 0."""
+        if jax.process_index() != 0:
             return None
-        from tensorboardX import SummaryWriter
+        writers = []
+        if self.cfg.tensorboard:
+            from tensorboardX import SummaryWriter
 
-        return SummaryWriter(str(Path(self.cfg.checkpoint.dir) / "tensorboard"))
+            writers.append(SummaryWriter(str(Path(self.cfg.checkpoint.dir) / "tensorboard")))
+        if self.cfg.logging.wandb:
+            writers.append(_WandbWriter(self.cfg))
+        return _Writers(writers) if writers else None
 
     def _progress(self, start: int, last: int):
         if not self.cfg.progress or jax.process_index() != 0:
@@ -592,9 +766,13 @@ class Trainer:
                 if math.isfinite(v):
                     writer.add_scalar(f"train/{k}", v, step)
             writer.flush()
-        line = (f"step {step}: loss {m['loss']:.4f} acc {m['accuracy']:.3f} text {m['loss_text']:.3f} "
-                f"speech {m['loss_speech']:.3f} gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
-                f"{m['tokens_per_s']:.0f} tok/s mfu {m['mfu']:.1%}")
+        if self.cfg.recipe == "dpo":
+            line = (f"step {step}: loss {m['loss']:.4f} pref acc {m['accuracy']:.3f} margin {m['reward_margin']:.3f} "
+                    f"kl {m['kl']:.4f} gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s")
+        else:
+            line = (f"step {step}: loss {m['loss']:.4f} acc {m['accuracy']:.3f} text {m['loss_text']:.3f} "
+                    f"speech {m['loss_speech']:.3f} gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e} "
+                    f"{m['tokens_per_s']:.0f} tok/s mfu {m['mfu']:.1%}")
         if bar is not None:
             bar.set_postfix_str(f"loss {m['loss']:.4f}")
             bar.write(line, file=self.console)
@@ -602,6 +780,59 @@ class Trainer:
             print(line, file=self.console, flush=True)
         with open(Path(self.cfg.checkpoint.dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **_json_safe(m)}) + "\n")
+
+
+    def _log_eval(self, step: int, m: dict, writer):
+        self.history.append(StepRecord(step, {f"eval/{k}": v for k, v in m.items()}))
+        if jax.process_index() != 0:
+            return
+        if writer is not None:
+            for k, v in m.items():
+                if math.isfinite(v):
+                    writer.add_scalar(f"eval/{k}", v, step)
+            writer.flush()
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss_tokens")
+        print(f"eval step {step}: {shown}", file=self.console, flush=True)
+        with open(Path(self.cfg.checkpoint.dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "split": "eval", **_json_safe(m)}) + "\n")
+
+
+class _Writers:
+    def __init__(self, writers):
+        self.writers = writers
+
+    def add_scalar(self, tag, value, step):
+        for w in self.writers:
+            w.add_scalar(tag, value, step)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()
+
+
+class _WandbWriter:
+    """Weights & Biases run (``logging.wandb_mode=offline`` writes under <checkpoint.dir>/wandb, no network)."""
+
+    def __init__(self, cfg):
+        try:
+            import wandb
+        except ImportError:
+            raise TrainingError("logging.wandb=true needs the wandb package: pip install wandb") from None
+        self.run = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode,
+                              dir=str(Path(cfg.checkpoint.dir)), config=cfg.to_dict(), reinit=True)
+
+    def add_scalar(self, tag, value, step):
+        self.run.log({tag: value}, step=step)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.run.finish()
 
 
 def _row_step(line: str) -> float:
@@ -641,7 +872,8 @@ def write_loss_curve(metrics_file: str | Path, out_png: str | Path) -> Optional[
     for line in metrics_file.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            rows[r["step"]] = r
+            if r.get("split") != "eval":  # validation rows share the step numbers
+                rows[r["step"]] = r
     if not rows:
         return None
     import matplotlib
