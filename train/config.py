@@ -220,9 +220,9 @@ def _validate(c: TrainConfig) -> None:
                                f"({o.grad_accum}): the global batch is split into equal micro-batches")
     if d.seq_len < 2:
         raise TrainConfigError(f"data.seq_len must be >= 2, got {d.seq_len}")
-    if m.init == "random" and d.seq_len > m.max_position_embeddings:
+    if m.init == "random" and d.seq_len > m.llama.max_position_embeddings:
         raise TrainConfigError(f"data.seq_len={d.seq_len} is longer than the model's context "
-                               f"(model.max_position_embeddings={m.max_position_embeddings}); lower data.seq_len or "
+                               f"(model.max_position_embeddings={m.llama.max_position_embeddings}); lower data.seq_len or "
                                f"raise model.max_position_embeddings")
     if c.steps < 1:
         raise TrainConfigError(f"steps must be >= 1, got {c.steps}")
