@@ -32,6 +32,8 @@ TARGETS = {
     "v5e-256": ("v5e:16x16", 256, (1, 256, 1), 197.0, 16.0),
     "v5p-128": ("v5p:4x4x4", 64, (1, 64, 1), 459.0, 95.0),  # v5p-128 = 64 chips (128 TensorCores)
     "8xh100": (None, 8, (1, 8, 1), 989.0, 80.0),
+    "v5e-8": ("v5e:2x4", 8, (1, 8, 1), 197.0, 16.0),  # one v5e-8 host
+    "v5e-16": ("v5e:4x4", 16, (1, 16, 1), 197.0, 16.0),
 }
 
 
@@ -52,6 +54,9 @@ def _args(argv=None):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "chunked", "cudnn", "splash"),
                    help="LlamaConfig.attention (auto: splash on TPU, cudnn on GPU, xla on the simulated CPU mesh)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank on attention + MLP (0: full)")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4", "nf4"),
+                   help="QLoRA: the frozen base of the adapted modules in this format (needs --lora-rank)")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     return p.parse_args(argv)
 
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
             return 4
     result = compile_train_step(devices, mesh_shape, batch=a.batch or n_dev, seq=a.seq, vocab=a.vocab, remat=a.remat,
                                 grad_accum=a.grad_accum, layers=a.layers, hidden=a.hidden, inter=a.inter, heads=a.heads,
-                                attention=a.attention)
+                                attention=a.attention, lora_rank=a.lora_rank, quantize=a.quantize)
     result.update(target=a.target, mode=mode, fallback_reason=why, peak_tflops=peak, hbm_gib=hbm, mfu_assumed=a.mfu)
     tokens = result["batch"] * a.seq
     step_s = tokens * result["flops_per_token"] / (a.mfu * peak * 1e12 * n_dev)
@@ -102,8 +107,10 @@ def main(argv=None) -> int:
 
 def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int = 32768, remat: str = "full",
                        grad_accum: int = 1, layers: int = 32, hidden: int = 4096, inter: int = 11008,
-                       heads: int = 32, attention: str = "auto") -> dict:
-    """Lower and compile the real train step on ``devices`` with abstract inputs; memory per device."""
+                       heads: int = 32, attention: str = "auto", lora_rank: int = 0, quantize: str = "none") -> dict:
+    """Lower and compile the real train step on ``devices`` with abstract inputs; memory per device.
+    ``lora_rank``: the LoRA step instead (qwix adapters on attention + MLP, frozen bf16 base as a step
+    argument; ``quantize``: that base stored int8/int4/nf4, QLoRA)."""
     import jax
     import numpy as np
 
@@ -119,21 +126,38 @@ def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int 
     model = Llama(cfg)
     tx, sched = make_optimizer(OptimConfig(grad_accum=grad_accum), 1000)
     mesh = shd.make_mesh(mesh_shape, devices=devices)
-    layout = state_layout(model, tx, mesh)
-    step = make_train_step(model, tx, sched, modality_table(vocab, "auto"), grad_accum=grad_accum)
+    plan = None
+    if lora_rank:
+        from .peft import ParamPlan
+        from .trainer import plan_layout
+
+        plan = ParamPlan(cfg, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank, quantize=quantize)
+        layout = plan_layout(plan, tx, mesh)
+    else:
+        layout = state_layout(model, tx, mesh)
+    step = make_train_step(model, tx, sched, modality_table(vocab, "auto"), grad_accum=grad_accum, plan=plan)
     t0 = time.perf_counter()
     with shd.mesh_context(mesh):
-        lowered = jit_train_step(step, layout).lower(layout.abstract, abstract_batch(layout, batch, seq))
+        args = (layout.abstract, abstract_batch(layout, batch, seq))
+        if plan is not None:
+            args += (layout.frozen_abstract,)
+        lowered = jit_train_step(step, layout).lower(*args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
     gib = 1024 ** 3
     state_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract))
+    frozen_bytes = sum(np.prod(x.shape) * (0.5 if "int4" in str(x.dtype) else np.dtype(x.dtype).itemsize)
+                       for x in jax.tree.leaves(layout.frozen_abstract)) if plan is not None else 0
     out = {
         "devices": len(devices), "mesh": list(mesh_shape), "batch": batch, "seq": seq, "vocab": vocab,
         "layers": layers, "remat": remat, "attention": attention, "grad_accum": grad_accum, "params": cfg.num_params(),
-        "train_state_gib_total": state_bytes / gib, "flops_per_token": flops_per_token(cfg, seq),
+        "lora_rank": lora_rank, "quantize": quantize, "frozen_gib_total": float(frozen_bytes) / gib,
+        "trainable_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(layout.abstract["params"]))),
+        # LoRA: no weight gradients for the frozen matmuls (2 of the 6 FLOPs per parameter and token)
+        "train_state_gib_total": state_bytes / gib, "flops_per_token": flops_per_token(cfg, seq) - (
+            2.0 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) if lora_rank else 0.0),
         "lower_s": t1 - t0, "compile_s": t2 - t1,
     }
     if mem is not None:

@@ -6,7 +6,8 @@ A :class:`ParamPlan` splits the model's parameters into
 * ``trainable``: what the optimizer updates, has AdamW moments and is checkpointed every
   ``checkpoint.every`` steps — all parameters (pretraining), those whose path matches
   ``optim.trainable`` (freezing by path), or only the LoRA adapters (``lora.rank > 0``);
-* ``frozen``: everything else, rebuilt from ``model.init`` on every start (it never changes), kept
+* ``frozen``: everything else, rebuilt from ``model.init`` on every start (it never changes), stored
+  in the compute dtype (``model.dtype``: no fp32 master copy of weights that are never updated), kept
   sharded by the same logical rules and passed to the jitted step as an argument (never a constant).
   With QLoRA (``lora.quantize``) the frozen weights of the adapted modules are stored quantized
   (``qwix.quantize``: int8 / int4 / nf4 with per-channel or ``lora.tile_size`` block scales) and
@@ -85,7 +86,9 @@ def lora_provider(rank: int, alpha: float, modules: str):
 
     class LinenLoraProvider(qwix.LoraProvider):
         """qwix's LoRA provider; its einsum records a debug attribute on the current module, which a
-        linen @compact module only accepts inside ``setup``: open that gate for the call."""
+        linen @compact module only accepts inside ``setup``: open that gate for the call. The adapter
+        term is computed in the adapters' dtype (fp32); the result goes back to the activations' dtype
+        (bf16 compute stays bf16, and nn.scan's carry keeps its type)."""
 
         def einsum(self, einsum_str, *operands, **kwargs):
             module = flax_util.get_current_module()
@@ -93,9 +96,10 @@ def lora_provider(rank: int, alpha: float, modules: str):
             was = state.in_setup
             state.in_setup = True
             try:
-                return super().einsum(einsum_str, *operands, **kwargs)
+                out = super().einsum(einsum_str, *operands, **kwargs)
             finally:
                 state.in_setup = was
+            return out.astype(operands[0].dtype)
 
     return LinenLoraProvider([qwix.LoraRule(module_path=modules, rank=rank, alpha=alpha)])
 
@@ -168,6 +172,11 @@ class ParamPlan:
                         f"{names[:6]}" + (" (layers are stacked under 'layers' with model.scan_layers=true: set "
                                           "model.scan_layers=false to select single layers)"
                                           if "layers_" in self.trainable and self.llama_cfg.scan_layers else ""))
+
+    def frozen_storage(self, tree):
+        """Frozen floats are kept in the compute dtype (they are never updated: no fp32 master copy)."""
+        dt = dtype_of(self.llama_cfg.dtype)
+        return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
     # -------------------------------------------------------------- QLoRA storage
     def is_quantized(self, path: tuple) -> bool:
@@ -278,6 +287,7 @@ def frozen_abstract(plan: ParamPlan, boxed_frozen, mesh, with_reference_of=None)
     unboxed = nn.meta.unbox(boxed_frozen)
     names = jax.tree.map(lambda b: tuple(b.names) if isinstance(b, nn.LogicallyPartitioned) else (None,) * b.ndim,
                          boxed_frozen, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    unboxed = jax.eval_shape(plan.frozen_storage, unboxed)
     abstract = unboxed
     if plan.is_lora and plan.quantize != "none":
         abstract = jax.eval_shape(lambda t: plan.quantize_frozen(t, names), unboxed)
@@ -296,7 +306,7 @@ def frozen_abstract(plan: ParamPlan, boxed_frozen, mesh, with_reference_of=None)
     sh_tree = {"params": shardings}
     if with_reference_of is not None:
         ref_abs, ref_sh = with_reference_of
-        tree["reference"], sh_tree["reference"] = ref_abs, ref_sh
+        tree["reference"], sh_tree["reference"] = jax.eval_shape(plan.frozen_storage, ref_abs), ref_sh
     abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh_tree)
     return abstract_sh, sh_tree
 

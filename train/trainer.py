@@ -223,9 +223,9 @@ def init_plan_state(plan, tx, layout: StateLayout, seed: int = 0, params=None):
             full = merge_trees(plan.split(full)[0] if plan.is_lora else {}, given)
         trainable, frozen = plan.split(full)
         trainable = jax.tree.map(lambda x, a: x.astype(a.dtype), trainable, layout.abstract["params"])
-        frozen_tree = {"params": plan.quantize_frozen(frozen, names)}
+        frozen_tree = {"params": plan.quantize_frozen(plan.frozen_storage(frozen), names)}
         if want_reference:
-            frozen_tree["reference"] = trainable
+            frozen_tree["reference"] = plan.frozen_storage(trainable)
         state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
         return state, frozen_tree
 
