@@ -120,10 +120,16 @@ class ParamPlan:
 
     def __post_init__(self):
         self.model = Llama(self.llama_cfg)
-        self.apply_model = self.model
+        self.apply_model = self.init_model = self.model
         if self.lora_rank:
-            self.apply_model = _qwix().apply_lora_to_model(
-                self.model, lora_provider(self.lora_rank, self.lora_alpha, self.lora_modules))
+            wrap = lambda m: _qwix().apply_lora_to_model(m, lora_provider(self.lora_rank, self.lora_alpha,
+                                                                           self.lora_modules))
+            self.apply_model = wrap(self.model)
+            # Adapters are created with the compute dtype = the parameter dtype: qwix finds the weight an
+            # einsum uses by identity there, while under jit-init a bf16 cast of a fresh weight can defeat
+            # its tracer walk and leave it guessing by shape (q, k, v of equal shape: "Multiple candidate
+            # params"). The parameter tree does not depend on the compute dtype.
+            self.init_model = wrap(Llama(self.llama_cfg.replace(dtype=self.llama_cfg.param_dtype)))
         self._pattern = re.compile(self.trainable) if self.trainable else None
 
     @classmethod
@@ -142,7 +148,7 @@ class ParamPlan:
     # -------------------------------------------------------------- params
     def boxed_params(self, rng):
         """All parameters (adapters included) with their logical-axis boxes; use under eval_shape/jit."""
-        return self.apply_model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return self.init_model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
     def is_trainable(self, path: tuple) -> bool:
         name = path_name(path)
