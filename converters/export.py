@@ -276,7 +276,9 @@ def _run_llama_config(cfg: dict) -> tuple[LlamaConfig, str | None]:
 
     from .llama import FORMAT, read_converted_config
 
-    mc = ModelConfig(**cfg["model"])
+    from spiritlm_jax.train.config import TrainConfig
+
+    mc = TrainConfig.from_dict({"model": cfg["model"]}).model  # model.* holds the flattened LlamaConfig fields
     init_cfg = None
     init = mc.init if mc.init != "random" else None
     if init:
@@ -303,6 +305,11 @@ def export_run(run: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "
 
     step_dir = find_step_dir(Path(run))
     cfg_dict = run_config(step_dir)
+    if (cfg_dict.get("lora") or {}).get("rank") or (cfg_dict.get("optim") or {}).get("trainable"):
+        # LoRA / partially frozen runs checkpoint only what they train: merge it onto the rebuilt base
+        from spiritlm_jax.train.peft import export_peft_run
+
+        return export_peft_run(step_dir, cfg_dict, dst, overwrite=overwrite, log=log)
     cfg, init = _run_llama_config(cfg_dict)
     tok_src = Path(tokenizer) if tokenizer else (Path(init) if init else
                                                    (Path(cfg_dict.get("data", {}).get("tokenizer") or "") or None))

@@ -42,7 +42,7 @@ def test_finetune_doc_walkthrough_runs_as_written(tmp_path, golden_dir, monkeypa
     env = {"$SPIRITLM": str(golden_dir / "checkpoints" / "spiritlm_model" / "spirit-lm-base-7b"),
            "$SPEECH_TOKENIZER": str(golden_dir / "checkpoints" / "speech_tokenizer")}
     steps = blocks("<!-- finetune:step -->", "bash")
-    assert len(steps) == 5, steps
+    assert len(steps) == 6, steps
     for cmd in steps:
         for k, v in env.items():
             cmd = cmd.replace(k, v)
@@ -63,6 +63,9 @@ def test_finetune_doc_walkthrough_runs_as_written(tmp_path, golden_dir, monkeypa
 
     cfg, params = load_converted(merged)
     assert cfg.vocab_size == 32667 and "q_lora_a" not in params["layers"]["attn"]
+    hf = tmp_path / "models" / "sft-lora-hf"
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] == 32667
+    assert list(hf.glob("*.safetensors"))
 
 
 def test_finetune_doc_python_api_example_runs(tmp_path, monkeypatch):

@@ -370,3 +370,44 @@ def export_merged(trainer, out_dir, *, adapters_only: bool = False, overwrite: b
         if init.is_dir() and (init / name).exists():
             shutil.copy2(init / name, out / name)
     return out
+
+
+def export_peft_run(step_dir, cfg_dict: dict, dst, *, overwrite: bool = False, log=print):
+    """``spiritlm-jax export RUN`` for a LoRA / partially frozen run (its checkpoints hold only the trained
+    parameters): rebuild the base from the run's ``model.init``, restore the step, merge, write."""
+    from pathlib import Path
+
+    from spiritlm_jax import sharding as shd
+
+    from .config import TrainConfig
+    from .trainer import Trainer
+
+    step_dir = Path(step_dir)
+    cfg = TrainConfig.from_dict(cfg_dict).override(
+        f"checkpoint.dir={step_dir.parent}", "checkpoint.resume=true", "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1",
+        f"data.batch_size={jax.device_count()}", "optim.grad_accum=1")  # no data is read
+    trainer = Trainer(cfg, _NoData(), mesh=shd.make_mesh((1, -1, 1)))
+    try:
+        restored = trainer.ckpt.restore(int(step_dir.name), trainer.layout.abstract)
+        trainer.state = restored[0]
+        from .trainer import init_plan_state
+
+        trainer.frozen = init_plan_state(trainer.plan, trainer.tx, trainer.layout, cfg.seed, trainer._init_params)[1]
+        out = export_merged(trainer, dst, overwrite=overwrite)
+    finally:
+        trainer.close()
+    log(f"merged the trained parameters of {step_dir} onto {cfg.model.init}")
+    return out
+
+
+class _NoData:
+    """Export reads no data."""
+
+    def __next__(self):
+        raise StopIteration
+
+    def get_state(self):
+        return {}
+
+    def set_state(self, state):
+        pass
