@@ -17,12 +17,15 @@ inverse; ``converters/schema.py``), which ``converters/export.py`` runs backward
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from spiritlm_jax.model_dir import is_float_dtype
 
 from spiritlm_jax.config import LlamaConfig, dtype_of
 from . import torch_io
@@ -107,6 +110,9 @@ def iter_converted(tensors: Iterable[tuple[str, np.ndarray]], cfg: LlamaConfig, 
         seen.add(key)
         row = table[key]
         check_shape(key, arr, row.shapes[0], where=where)
+        if is_float_dtype(arr.dtype) and not np.all(np.isfinite(arr.astype(np.float32) if arr.dtype.itemsize < 4 else arr)):
+            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values; the checkpoint is damaged "
+                                  f"(re-copy it from the release); nothing was converted")
         out = row.transform.forward(arr)
         out = np.array(out, dtype=np.dtype(dtype_of(dtype)) if dtype else out.dtype, copy=True)  # own contiguous copy
         keys, layer = split_layer(row.path)
@@ -191,22 +197,32 @@ def convert_llama(model_dir: str | Path, out_dir: str | Path, *, scan_layers: bo
                   allow_classes=(), overwrite: bool = False, progress: bool = False) -> Path:
     """HF Llama directory → our converted directory (orbax params + config + tokenizer files)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     cfg = LlamaConfig.from_hf(model_dir)
     dtype = _stored_dtype(model_dir, dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stream_convert(model_dir, out_dir / "params", cfg, scan_layers=scan_layers, dtype=dtype,
-                   allow_classes=allow_classes, progress=progress)
-    meta = {"format": FORMAT, "layout": "scan" if scan_layers else "unrolled",
-            "llama": {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")},
-            "stored_dtype": dtype, "source": str(model_dir)}
-    (out_dir / "config.json").write_text(json.dumps(meta, indent=1))
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).exists():
-            shutil.copy2(model_dir / name, out_dir / name)
+    # Written into a temporary sibling and renamed at the end: a failed conversion leaves nothing that
+    # looks complete, and an existing output (--overwrite) is replaced only by a finished one.
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        stream_convert(model_dir, tmp / "params", cfg, scan_layers=scan_layers, dtype=dtype,
+                       allow_classes=allow_classes, progress=progress)
+        meta = {"format": FORMAT, "layout": "scan" if scan_layers else "unrolled",
+                "llama": {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")},
+                "stored_dtype": dtype, "source": str(model_dir)}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=1))
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).exists():
+                shutil.copy2(model_dir / name, tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
     return out_dir
 
 

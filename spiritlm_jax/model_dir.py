@@ -115,9 +115,17 @@ def _lists(node):
     return {k: _lists(v) for k, v in node.items()}
 
 
+def is_float_dtype(dtype) -> bool:
+    """numpy's floats AND ml_dtypes' (bfloat16, float8_*), whose numpy ``kind`` is 'V', not 'f': a check on
+    ``kind == "f"`` alone let NaN in a bfloat16 checkpoint through."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or (dtype.kind == "V" and "float" in dtype.name)
+
+
 def check_finite(flat: Mapping[str, np.ndarray], where: str) -> None:
     """Refuse NaN/Inf weights: they never come from a good checkpoint and silently poison every output."""
-    bad = [k for k, a in flat.items() if np.asarray(a).dtype.kind == "f" and not np.all(np.isfinite(np.asarray(a, np.float32)))]
+    bad = [k for k, a in flat.items()
+           if is_float_dtype(np.asarray(a).dtype) and not np.all(np.isfinite(np.asarray(a, np.float32)))]
     if bad:
         raise ModelDirError(f"{where}: {len(bad)} tensor(s) hold NaN or Inf values, e.g. {bad[:3]}; the checkpoint "
                             f"is damaged (re-copy it from the release) and was not converted")

@@ -166,6 +166,17 @@ def test_damaged_and_hostile_checkpoints_are_refused(golden_dir, tmp_path, capsy
         assert not (out / "config.json").exists(), f"{kind}: a complete-looking output was left: {line}"
         if kind == "hostile":
             assert "REFUSED" in line and "corrupt" not in line, line
+    # non-finite weights (bf16 included), and --overwrite of a VALID earlier output by a failing conversion
+    nan = tmp_path / "in" / "nan"
+    shutil.copytree(src, nan)
+    _nan_weights(src / "pytorch_model.bin", nan / "pytorch_model.bin", rng)
+    assert_contract(["convert", "llama", str(nan), str(tmp_path / "out-nan")], capsys, valid=nan,
+                    names="NaN or Inf", must_not_exist=tmp_path / "out-nan")
+    good = tmp_path / "earlier-output"
+    assert cli_main(["convert", "llama", str(src), str(good)]) == 0
+    capsys.readouterr()
+    assert_contract(["convert", "llama", str(nan), str(good), "--overwrite"], capsys, valid=good)
+    assert not list(tmp_path.glob(".*partial*"))  # no temporary folder left behind
 
 
 # ---------------------------------------------------------------------------------------------- audio
@@ -264,3 +275,49 @@ def test_eval_options(golden_dir, tmp_path, capsys):
     for argv in (["eval", "swuggy", "--batch-size", str(-rng.randint(0, 4))],
                  ["eval", "".join(rng.choices("xyz", k=6))]):
         assert_contract(argv, capsys)
+
+
+# ---------------------------------------------------------------------------------------------- model trees
+
+def _tree_copy(golden_dir: Path, dst: Path) -> Path:
+    """A symlink farm of the golden checkpoints tree: cheap to copy, and a case edits only its own links."""
+    src = golden_dir / "checkpoints"
+    for f in src.rglob("*"):
+        if f.is_file():
+            t = dst / f.relative_to(src)
+            t.parent.mkdir(parents=True, exist_ok=True)
+            t.symlink_to(f)
+    return dst
+
+
+def _nan_weights(src: Path, dst: Path, rng: random.Random) -> None:
+    import torch
+
+    sd = torch.load(src, map_location="cpu", weights_only=True)
+    key = rng.choice(sorted(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[rng.randrange(sd[key].numel())] = rng.choice([float("nan"), float("inf")])
+    dst.unlink()
+    torch.save(sd, dst)
+
+
+def test_malformed_model_trees_are_refused_and_leave_no_output(golden_dir, tmp_path, capsys):
+    # component identity (a vocoder of the other kind in a slot), a missing tokenizer.model, non-finite
+    # weights: `convert all` validates first and certifies nothing; generate refuses the wrong component.
+    rng = random.Random(SEED + 8)
+    lm = "spiritlm_model/spirit-lm-base-7b"
+    swapped = _tree_copy(golden_dir, tmp_path / "swapped")
+    shutil.rmtree(swapped / "speech_tokenizer" / "hifigan_spiritlm_expressive_w2v2")
+    shutil.copytree(golden_dir / "checkpoints" / "speech_tokenizer" / "hifigan_spiritlm_base",
+                    swapped / "speech_tokenizer" / "hifigan_spiritlm_expressive_w2v2")
+    no_tok = _tree_copy(golden_dir, tmp_path / "no_tokenizer")
+    (no_tok / lm / "tokenizer.model").unlink()
+    nan = _tree_copy(golden_dir, tmp_path / "nan")
+    _nan_weights(golden_dir / "checkpoints" / lm / "pytorch_model.bin", nan / lm / "pytorch_model.bin", rng)
+    for tree, variant in rng.sample([(swapped, "expressive"), (no_tok, "base"), (nan, "base")], 3):
+        out = tmp_path / f"out-{tree.name}"
+        assert_contract(["convert", "all", str(tree), str(out), "--variant", variant, "--no-self-check"], capsys,
+                        valid=tree, must_not_exist=out)
+    assert_contract(["generate", "--text", "hi", "--model", "spirit-lm-expressive-7b", "--checkpoints", str(swapped),
+                     "--output-modality", "speech", "--out", str(tmp_path / "wavs")], capsys, valid=swapped,
+                    must_not_exist=tmp_path / "wavs")
