@@ -207,3 +207,36 @@ def test_export_refuses_what_it_cannot_export(tiny_run, converted_tree, golden_d
     assert main(["export", str(golden_dir / "checkpoints"), str(tmp_path / "o"), "--to", "original"]) == 1
     assert "not a converted tree" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+
+
+def test_fcpe_and_llama_tables_run_backwards_to_their_state_dicts(golden_dir):
+    """The two kinds the tree export does not write as files: FCPE (its weights stay in the torchfcpe
+    wheel) and the Llama table (written through export_hf): inverse(forward(x)) == x, key for key."""
+    from spiritlm_jax.converters import torch_io
+    from spiritlm_jax.converters.fcpe import IGNORED, fcpe_rows, find_bundled_weights
+    from spiritlm_jax.converters.llama import llama_rows, split_layer
+    from spiritlm_jax.converters.schema import export_state_dict, import_state_dict
+    from spiritlm_jax.config import LlamaConfig
+    from spiritlm_jax.models.fcpe import FCPEConfig
+
+    ck = torch_io.torch_load(find_bundled_weights())
+    sd = {k: torch_io.to_numpy(v) for k, v in ck["model"].items()}
+    rows = fcpe_rows(FCPEConfig.from_torchfcpe(ck["config_dict"]))
+    back = dict(export_state_dict(rows, import_state_dict(rows, sd, where="fcpe", unused=IGNORED, keep_unused=True)))
+    assert back.keys() == sd.keys()
+    from spiritlm_jax.converters.transforms import fold_weight_norm
+
+    for k in sd:
+        if k == "output_proj.weight_v":  # the pair compared folded (torch's dim-0 weight norm)
+            np.testing.assert_allclose(fold_weight_norm(back["output_proj.weight_g"], back[k], 0),
+                                       fold_weight_norm(sd["output_proj.weight_g"], sd[k], 0), rtol=2e-7, atol=0)
+        elif k != "output_proj.weight_g":
+            assert np.array_equal(back[k], sd[k]), k
+
+    lm = golden_dir / "checkpoints" / "spiritlm_model" / "spirit-lm-base-7b"
+    cfg = LlamaConfig.from_hf(lm)
+    hf = dict(torch_io.iter_hf_tensors(lm))
+    for r in llama_rows(cfg):
+        (a,) = r.transform.inverse(r.transform.forward(hf[r.keys[0]]))
+        assert a.dtype == hf[r.keys[0]].dtype and np.array_equal(a, hf[r.keys[0]]), r.keys[0]
+    assert {r.keys[0] for r in llama_rows(cfg)} == set(hf) and split_layer(("layers", 3, "attn", "q")) == (("attn", "q"), 3)
