@@ -79,7 +79,7 @@ def _bad_train_overrides(rng: random.Random) -> list[tuple[str, str]]:
         (f"optim.grad_accum={-rng.randint(0, 3)}", "optim.grad_accum"),
         (f"optim.lr=-{rng.random():.3g}", "optim"),
         (f"optim.schedule={rng.choice(['linear', 'COSINE', ''])}", "optim.schedule"),
-        (f"model.remat={rng.choice(['some', 'yes'])}", "model.remat"),
+        (f"model.remat={rng.choice(['some', 'yes'])}", "remat"),
         (f"model.hidden_size={rng.choice(['abc', '6.5', ''])}", "model.hidden_size"),
         (f"log_every={rng.choice(['0', '-1'])}", "log_every"),
         (f"distributed_timeout_s={rng.choice(['0', '-5', '1e9'])}", "distributed_timeout_s"),
