@@ -235,9 +235,36 @@ def make_iterator(data_dir: str, tokenizer, *, kind: str, seq_len: int, batch_si
         tok = _tokenizer(str(tokenizer))
     to_features = RecordToFeatures(tok, seq_len, kind)
     it = ds.map(to_features).to_iter_dataset().filter(lambda x: x is not None)
+    one_pass = num_epochs is not None  # held-out data: keep the last, partial batch (padded)
     if kind == "dpo":
-        return iter(it.batch(batch_size, drop_remainder=True))
-    return iter(pack_and_batch(it, seq_len, batch_size, seed=seed))
+        batches = iter(it.batch(batch_size, drop_remainder=not one_pass))
+    else:
+        batches = iter(pack_and_batch(it, seq_len, batch_size, seed=seed, drop_remainder=not one_pass))
+    return _PadLastBatch(batches, batch_size) if one_pass else batches
+
+
+class _PadLastBatch:
+    """A one-pass iterator whose last batch may be short: pad it with empty rows (loss_mask 0, segment 0),
+    so the compiled step's shapes hold and every held-out record is seen."""
+
+    def __init__(self, it, rows: int):
+        self.it, self.rows = it, rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = next(self.it)
+        n = len(b["tokens"])
+        if n == self.rows:
+            return b
+        return {k: np.concatenate([v, np.zeros((self.rows - n,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
 
 
 # ------------------------------------------------------------------------------------------------
