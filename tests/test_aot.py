@@ -18,7 +18,7 @@ def _documented_command() -> list[str]:
     text = " ".join(DOCS.read_text().split())  # the command wraps over two lines there
     m = re.search(r"`(python -m spiritlm_jax\.train\.aot --target 8xh100[^`]*)`", text)
     assert m, "docs/training.md no longer documents the 8xh100 AOT command"
-    argv = shlex.split(m.group(1))
+    argv = shlex.split(re.sub(r"\[[^\]]*\]", "", m.group(1)))  # "[--flag value]": optional, as documented
     assert argv[:3] == ["python", "-m", "spiritlm_jax.train.aot"]
     return argv[3:]
 
