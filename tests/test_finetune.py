@@ -153,7 +153,7 @@ def test_lora_learns_a_held_out_mapping_base_frozen_merge_and_export(tmp_path):
                                           batch["segment_ids"])
     m = batch["loss_mask"] > 0
     accuracy = float((np.argmax(np.asarray(logits), -1)[m] == batch["targets"][m]).mean())
-    assert accuracy >= 0.90, accuracy  # measured 0.96 (chance: 1/64)
+    assert accuracy >= 0.90, accuracy  # 0.96 in a run of this setup with 4 kv heads (chance: 1/64)
     # every base parameter bit-identical; only the adapters (and their moments) are trained and saved
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(trainer.frozen))))
     names = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_leaves_with_path(trainer.state["params"])]
@@ -167,7 +167,7 @@ def test_lora_learns_a_held_out_mapping_base_frozen_merge_and_export(tmp_path):
     merged = merge_lora(full, 8, 16.0)
     plain, _ = trainer.model.apply({"params": merged}, batch["tokens"], positions=batch["positions"],
                                    segment_ids=batch["segment_ids"])
-    assert float(jnp.max(jnp.abs(plain - logits))) < 1e-5  # measured ~1e-6
+    assert float(jnp.max(jnp.abs(plain - logits))) < 1e-5  # fp32: merged W + s·A·B vs x·W + s·x·A·B
     # the export is a converted directory that loads as a plain Llama with the same logits
     from spiritlm_jax.train.peft import export_merged
 
@@ -313,7 +313,7 @@ def test_dpo_learns_the_preference_on_held_out_prompts_within_a_kl_bound(tmp_pat
     assert 0.25 <= before["policy_accuracy"] <= 0.75, before  # chance: the random policy has no preference
     assert after["eval/policy_accuracy"] >= 0.90, after
     assert after["eval/accuracy"] >= 0.90, after
-    assert after["eval/kl"] < 1.0, after  # per response token, nats; measured ~0.3
+    assert after["eval/kl"] < 1.0, after  # per response token, nats: the stated bound (beta = 0.5)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("split") == "eval" for r in rows)
 
