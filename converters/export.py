@@ -148,16 +148,6 @@ def _prepare_dst(dst: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _commit(tmp: Path, dst: Path) -> Path:
-    dst = Path(dst).absolute()
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
 
 
 def _hf_tokenizer_files(src: Path, out: Path, cfg: LlamaConfig) -> None:
@@ -241,7 +231,7 @@ def export_hf(lm_dir: str | os.PathLike, dst: str | os.PathLike, *, dtype: str |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"  {len(specs)} tensors in {len(shards)} safetensors file(s), {torch_dtype}")
-    return _commit(tmp, Path(dst))
+    return model_dir.replace_folder(tmp, Path(dst))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,7 +345,7 @@ def export_run(run: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"  step {step_dir.name}: {len(leaves)} arrays in {dtype}, tokenizer from {tok_src}")
-    return _commit(tmp, Path(dst))
+    return model_dir.replace_folder(tmp, Path(dst))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,4 +468,4 @@ def export_original(tree: str | os.PathLike, dst: str | os.PathLike, *, overwrit
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _commit(tmp, Path(dst))
+    return model_dir.replace_folder(tmp, Path(dst))

@@ -308,14 +308,7 @@ def convert_all(src: str | os.PathLike, dst: str | os.PathLike, *, variants=("ba
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
+    return model_dir.replace_folder(tmp, dst)
 
 
 def check_converted_tree(root: Path, variant: str) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -212,3 +213,17 @@ def _blocked(name: str) -> bool:
     import sys
 
     return name in sys.modules and sys.modules[name] is None
+
+
+def replace_folder(tmp: Path, dst: Path) -> Path:
+    """Put the finished folder ``tmp`` at ``dst`` by renames: an existing ``dst`` is moved aside first and
+    deleted only once ``tmp`` is in place, so a failure never leaves ``dst`` missing or half written."""
+    dst = Path(dst).absolute()
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+    Path(tmp).rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dst
