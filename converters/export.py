@@ -261,7 +261,6 @@ def run_config(step_dir: Path) -> dict:
 
 
 def _run_llama_config(cfg: dict) -> tuple[LlamaConfig, str | None]:
-    from spiritlm_jax.train.config import ModelConfig
     from spiritlm_jax.train.trainer import llama_config
 
     from .llama import FORMAT, read_converted_config
