@@ -222,20 +222,35 @@ def test_lora_rule_or_freeze_pattern_that_matches_nothing_is_refused(tmp_path):
         tiny_cfg(tmp_path, "lora.quantize=nf4")
 
 
-def test_freezing_by_path_trains_only_the_matching_parameters(tmp_path):
+def test_freezing_by_path_and_by_vocabulary_row_trains_only_the_selected_weights(tmp_path):
+    """Full fine-tune of the top layer plus only the speech rows of the embedding and LM head (the rows a
+    vocabulary extension adds): the bottom layer and the text rows stay bit-identical through AdamW with
+    weight decay (which would move any row it touches); the selected weights all move."""
     cfg = tiny_cfg(tmp_path, "data.batch_size=4", f"data.seq_len={2 * DOC}", "steps=3", "model.scan_layers=false",
-                   "optim.trainable=^(layers_1/|lm_head)", "optim.lr=1e-2")
+                   "optim.trainable=^(layers_1/|lm_head|embed)", "optim.trainable_rows=speech", "optim.lr=1e-2",
+                   "optim.weight_decay=0.1")
     trainer = Trainer(cfg, PackedIterator(word_orders()[0], 4), mesh=single_device())
     trainer.initialize()
     start = jax.device_get(trainer.state["params"])
     frozen = jax.device_get(trainer.frozen)
     trainer.train()
-    assert sorted(trainer.state["params"]) == ["layers_1", "lm_head"]
-    assert "layers_0" in frozen["params"] and "embed" in frozen["params"]
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(jax.device_get(trainer.frozen))))
-    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(jax.device_get(trainer.state["params"])))]
-    assert all(moved)
+    end = jax.device_get(trainer.state["params"])
     trainer.close()
+    assert sorted(end) == ["embed", "layers_1", "lm_head"]
+    assert "layers_0" in frozen["params"] and "final_norm" in frozen["params"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(jax.device_get(trainer.frozen))))
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start["layers_1"]), jax.tree.leaves(end["layers_1"])))
+    speech = np.arange(64) >= 24  # model.vocab_layout=speech=24:64
+    for rows_first in (start["embed"]["embedding"], end["embed"]["embedding"]), (start["lm_head"].T, end["lm_head"].T):
+        before, after = rows_first
+        assert np.array_equal(before[~speech], after[~speech])  # text rows: bit-identical
+        assert (np.abs(after[speech] - before[speech]).max(-1) > 0).all()  # every speech row moved (decay at least)
+    with pytest.raises(PeftError, match="neither trains"):
+        Trainer(tiny_cfg(tmp_path / "b", "data.batch_size=2", "data.seq_len=16", "model.scan_layers=false",
+                         "optim.trainable=^layers_1/", "optim.trainable_rows=speech"), PackedIterator([], 1),
+                mesh=single_device())
+    with pytest.raises(TrainConfigError, match="id ranges"):
+        tiny_cfg(tmp_path, "optim.trainable_rows=speech_rows")
 
 
 # ------------------------------------------------------------------------------------------ DPO

@@ -71,6 +71,10 @@ class OptimConfig:
     # parameters are trained (the rest stay frozen, get no optimizer state and are not checkpointed).
     # "" trains everything. With LoRA the adapters are the trainable parameters instead.
     trainable: str = ""
+    # Rows of the vocabulary-axis parameters (embed/embedding, lm_head) that train, when they train:
+    # "" all, "speech" the speech-unit rows ([Hu]/[Pi]/[St] ids of model.vocab_layout: the rows a vocabulary
+    # extension added), or id ranges "A:B,C:D". The other rows stay bit-identical (no update, no decay).
+    trainable_rows: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +211,23 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
+def parse_row_ranges(spec: str) -> list[tuple[int, int]] | None:
+    """``optim.trainable_rows``: None for "speech", else the ``A:B`` id ranges (half-open)."""
+    if spec == "speech":
+        return None
+    ranges = []
+    for part in spec.split(","):
+        try:
+            a, b = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise TrainConfigError(f"optim.trainable_rows={spec!r}: expected 'speech' or id ranges 'A:B[,C:D]' "
+                                   f"(e.g. 32000:32512)") from None
+        if not 0 <= a < b:
+            raise TrainConfigError(f"optim.trainable_rows={spec!r}: range {part!r} needs 0 <= A < B")
+        ranges.append((a, b))
+    return ranges
+
+
 def _validate(c: TrainConfig) -> None:
     m, o, d = c.model, c.optim, c.data
     if o.schedule not in ("cosine", "constant"):
@@ -246,6 +267,11 @@ def _validate(c: TrainConfig) -> None:
     if lo.rank and o.trainable:
         raise TrainConfigError("optim.trainable (freezing by path) and lora.rank > 0 exclude each other: with LoRA "
                                "only the adapters are trained")
+    if o.trainable_rows:
+        if lo.rank:
+            raise TrainConfigError("optim.trainable_rows freezes rows of a fully tuned embedding / LM head; with LoRA "
+                                   "(lora.rank > 0) neither trains: drop one of the two")
+        parse_row_ranges(o.trainable_rows)
     for name, pattern in (("lora.modules", lo.modules), ("optim.trainable", o.trainable)):
         try:
             re.compile(pattern)

@@ -93,10 +93,11 @@ def make_dpo_step(plan, tx, sched, dpo_cfg, *, train: bool = True):
 
     def step(state, batch, frozen):
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch, frozen)
+        grads = plan.mask_frozen_rows(grads)
         gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                     "step": state["step"] + 1}
+        new_params = plan.keep_frozen_rows(optax.apply_updates(state["params"], updates), state["params"])
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, {"loss": loss, "grad_norm": gnorm, "lr": sched(state["step"]), **aux}
 
     return step

@@ -10,8 +10,9 @@ A :class:`ParamPlan` splits the model's parameters into
   in the compute dtype (``model.dtype``: no fp32 master copy of weights that are never updated), kept
   sharded by the same logical rules and passed to the jitted step as an argument (never a constant).
   With QLoRA (``lora.quantize``) the frozen weights of the adapted modules are stored quantized
-  (``qwix.quantize``: int8 / int4 / nf4 with per-channel or ``lora.tile_size`` block scales) and
-  dequantized to the compute dtype inside the step.
+  (``qwix.quantize``: int8 / int4 / nf4 with per-channel or ``lora.tile_size`` block scales) and go
+  into the model as stored: ``Llama.layer_params`` dequantizes one layer at a time inside the layer
+  scan (and its remat), so the step holds the 4-bit base plus one layer in the compute dtype.
 
 LoRA: ``qwix.LoraProvider`` with one ``qwix.LoraRule(module_path=lora.modules, rank, alpha)`` wraps our
 linen Llama (``qwix.apply_lora_to_model``). qwix intercepts the weight einsums of the matching modules
@@ -36,6 +37,7 @@ QLoRA; the merged tree is a plain Llama parameter tree (tested: same logits as b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -117,10 +119,18 @@ class ParamPlan:
     lora_modules: str = ".*/(attn|mlp)"
     quantize: str = "none"
     tile_size: int = 0
+    # (vocab_size,) bool: the rows of vocabulary-axis parameters that train (optim.trainable_rows); None = all
+    row_mask: Any = None
 
     def __post_init__(self):
         self.model = Llama(self.llama_cfg)
-        self.apply_model = self.init_model = self.model
+        self.init_model = self.model
+        if self.lora_rank and self.quantize != "none":
+            # QLoRA: the quantized base goes into the model as stored; each layer is dequantized inside
+            # the layer scan (and its remat), so one layer of compute-dtype weights exists at a time.
+            self.model = Llama(self.llama_cfg, layer_params=functools.partial(
+                dequantize_tree, dtype=dtype_of(self.llama_cfg.dtype)))
+        self.apply_model = self.model
         if self.lora_rank:
             wrap = lambda m: _qwix().apply_lora_to_model(m, lora_provider(self.lora_rank, self.lora_alpha,
                                                                            self.lora_modules))
@@ -131,11 +141,15 @@ class ParamPlan:
             # params"). The parameter tree does not depend on the compute dtype.
             self.init_model = wrap(Llama(self.llama_cfg.replace(dtype=self.llama_cfg.param_dtype)))
         self._pattern = re.compile(self.trainable) if self.trainable else None
+        self.vocab_axes = {}  # trained parameter path -> index of its vocabulary axis (set by check)
 
     @classmethod
-    def from_config(cls, cfg, llama_cfg: LlamaConfig) -> "ParamPlan":
+    def from_config(cls, cfg, llama_cfg: LlamaConfig, modality=None) -> "ParamPlan":
+        """``modality``: the (vocab_size,) token-modality table (trainer.modality_table), for
+        ``optim.trainable_rows=speech``."""
         lo = cfg.lora
-        return cls(llama_cfg, cfg.optim.trainable, lo.rank, lo.alpha, lo.modules, lo.quantize, lo.tile_size)
+        rows = trainable_row_mask(cfg.optim.trainable_rows, llama_cfg.vocab_size, modality)
+        return cls(llama_cfg, cfg.optim.trainable, lo.rank, lo.alpha, lo.modules, lo.quantize, lo.tile_size, rows)
 
     @property
     def is_lora(self) -> bool:
@@ -164,7 +178,15 @@ class ParamPlan:
         return traverse_util.unflatten_dict(tr), traverse_util.unflatten_dict(fr)
 
     def check(self, abstract_full) -> None:
-        """Refuse a plan that trains nothing (a LoRA rule or ``optim.trainable`` that matches nothing)."""
+        """Refuse a plan that trains nothing (a LoRA rule or ``optim.trainable`` that matches nothing, or
+        ``optim.trainable_rows`` with no trained vocabulary-axis parameter); note where the vocabulary axis
+        of each trained parameter is (for the row mask)."""
+        boxed = traverse_util.flatten_dict(abstract_full, is_leaf=lambda _, x: isinstance(x, nn.meta.AxisMetadata))
+        self.vocab_axes = {k: tuple(b.names).index("vocab") for k, b in boxed.items()
+                           if self.is_trainable(k) and isinstance(b, nn.LogicallyPartitioned) and "vocab" in b.names}
+        if self.row_mask is not None and not self.vocab_axes:
+            raise PeftError(f"optim.trainable_rows selects rows of embed/embedding and lm_head, but neither trains "
+                            f"under optim.trainable={self.trainable!r}: add them, e.g. '^(embed|lm_head)'")
         flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_full))
         names = [path_name(k) for k in flat]
         if any(self.is_trainable(k) for k in flat):
@@ -183,6 +205,28 @@ class ParamPlan:
         """Frozen floats are kept in the compute dtype (they are never updated: no fp32 master copy)."""
         dt = dtype_of(self.llama_cfg.dtype)
         return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    # -------------------------------------------------------------- row freezing
+    def _row_where(self, new, old):
+        """Leaves with a vocabulary axis: ``new`` on the trained rows, ``old`` on the others."""
+        if self.row_mask is None:
+            return new
+        mask = jnp.asarray(self.row_mask)
+        flat_new, flat_old = traverse_util.flatten_dict(new), traverse_util.flatten_dict(old)
+        for k, axis in self.vocab_axes.items():
+            shape = [1] * flat_new[k].ndim
+            shape[axis] = mask.shape[0]
+            flat_new[k] = jnp.where(mask.reshape(shape), flat_new[k], flat_old[k])
+        return traverse_util.unflatten_dict(flat_new)
+
+    def mask_frozen_rows(self, grads):
+        """Zero gradients on the frozen rows (before clipping: they do not count in the global norm)."""
+        return self._row_where(grads, jax.tree.map(jnp.zeros_like, grads))
+
+    def keep_frozen_rows(self, new_params, params):
+        """The frozen rows of the updated parameters back to their old values, bit for bit (AdamW's
+        decoupled weight decay would otherwise still move them)."""
+        return self._row_where(new_params, params)
 
     # -------------------------------------------------------------- QLoRA storage
     def is_quantized(self, path: tuple) -> bool:
@@ -209,16 +253,17 @@ class ParamPlan:
                                    scale_dtype=jnp.float32)
         return traverse_util.unflatten_dict(out)
 
-    def dequantized(self, frozen) -> dict:
-        """Frozen tree with every quantized leaf back in the compute dtype (inside the step)."""
-        qwix = _qwix()
+    def dequantized_outside_layers(self, frozen) -> dict:
+        """The frozen tree as the model takes it: quantized weights of the layers stay quantized (the
+        model dequantizes them one layer at a time, ``Llama.layer_params``); any other quantized leaf is
+        dequantized here."""
         dt = dtype_of(self.llama_cfg.dtype)
-        return jax.tree.map(lambda x: qwix.dequantize(x).astype(dt) if isinstance(x, qwix.QArray) else x, frozen,
-                            is_leaf=lambda x: isinstance(x, qwix.QArray))
+        return {k: (v if k == "layers" or k.startswith("layers_") else dequantize_tree(v, dt))
+                for k, v in frozen.items()}
 
     # -------------------------------------------------------------- apply
     def full_params(self, trainable, frozen) -> dict:
-        base = self.dequantized(frozen.get("params", {}))
+        base = self.dequantized_outside_layers(frozen.get("params", {}))
         return merge_trees(base, trainable)
 
     def logits(self, trainable, frozen, tokens, positions, segment_ids):
@@ -229,13 +274,44 @@ class ParamPlan:
     def reference_logits(self, trainable, frozen, tokens, positions, segment_ids):
         """The frozen starting model (DPO's reference): the base with the adapters off (LoRA, no second
         copy of the weights), or the starting trainable parameters kept in ``frozen['reference']``."""
-        base = self.dequantized(frozen.get("params", {}))
+        base = self.dequantized_outside_layers(frozen.get("params", {}))
         if self.is_lora:
             params = base
         else:
             params = merge_trees(base, frozen["reference"])
         logits, _ = self.model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
         return jax.lax.stop_gradient(logits)
+
+
+def trainable_row_mask(spec: str, vocab_size: int, modality=None):
+    """``optim.trainable_rows`` → a (vocab_size,) bool mask of the rows that train, or None (all rows)."""
+    from .config import parse_row_ranges
+    from .trainer import SPEECH
+
+    if not spec:
+        return None
+    ranges = parse_row_ranges(spec)
+    if ranges is None:  # "speech"
+        if modality is None:
+            raise PeftError("optim.trainable_rows=speech needs the vocabulary layout (model.vocab_layout)")
+        mask = np.asarray(modality) == SPEECH
+        if not mask.any():
+            raise PeftError("optim.trainable_rows=speech, but the vocabulary layout (model.vocab_layout) has no "
+                            "speech rows; set model.vocab_layout (e.g. speech=32000:32512) or give id ranges")
+        return mask
+    mask = np.zeros((vocab_size,), bool)
+    for a, b in ranges:
+        if b > vocab_size:
+            raise PeftError(f"optim.trainable_rows range {a}:{b} is outside the vocabulary (0..{vocab_size})")
+        mask[a:b] = True
+    return mask
+
+
+def dequantize_tree(tree, dtype):
+    """Every ``qwix.QArray`` leaf of ``tree`` back in ``dtype`` (others unchanged)."""
+    qwix = _qwix()
+    return jax.tree.map(lambda x: qwix.dequantize(x).astype(dtype) if isinstance(x, qwix.QArray) else x, tree,
+                        is_leaf=lambda x: isinstance(x, qwix.QArray))
 
 
 def merge_trees(a: dict, b: dict) -> dict:

@@ -305,9 +305,13 @@ def make_train_step(model: Llama, tx, sched, modality: np.ndarray, *, grad_accum
             s0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), s0)
             (grads, sums), _ = jax.lax.scan(body, (zeros, s0), mbs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        if plan is not None:
+            grads = plan.mask_frozen_rows(grads)
         gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if plan is not None:
+            new_params = plan.keep_frozen_rows(new_params, params)
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         n = jnp.maximum(sums["count"], 1.0)
         metrics = {
@@ -505,7 +509,7 @@ class Trainer:
             self.llama_cfg.vocab_size, mc.vocab_layout, None if mc.init == "random" else mc.init)
         from .peft import ParamPlan
 
-        self.plan = ParamPlan.from_config(cfg, self.llama_cfg)
+        self.plan = ParamPlan.from_config(cfg, self.llama_cfg, self.modality)
         self.tx, self.sched = make_optimizer(cfg.optim, cfg.steps)
         self.layout = plan_layout(self.plan, self.tx, self.mesh, reference=cfg.recipe == "dpo")
         if cfg.recipe == "dpo" and cfg.optim.grad_accum != 1:

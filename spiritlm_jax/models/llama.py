@@ -140,17 +140,26 @@ class Block(nn.Module):
         return x, cache
 
 
-def _remat_block(cfg: LlamaConfig):
+def _remat_block(cfg: LlamaConfig, layer_params=None):
+    block = Block
+    if layer_params is not None:
+        # Inside the remat: the backward pass recomputes the mapped weights from the stored ones instead of
+        # keeping one mapped copy per layer alive (QLoRA: only one layer is ever dequantized at a time).
+        block = nn.map_variables(Block, "params", trans_in_fn=layer_params)
     if cfg.remat == "none":
-        return Block
+        return block
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+    return nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
 class Llama(nn.Module):
-    """``LlamaForCausalLM``. Returns ``(logits fp32 (B, T, V), cache)``; cache is None without one."""
+    """``LlamaForCausalLM``. Returns ``(logits fp32 (B, T, V), cache)``; cache is None without one.
+
+    ``layer_params`` (optional, apply only): a function of one layer's parameter dict applied inside the
+    layer loop, e.g. QLoRA (train/peft.py) dequantizes its stored 4-bit base there, one layer at a time."""
 
     config: LlamaConfig
+    layer_params: Any = None
 
     @nn.compact
     @with_precision(lambda m: m.config.precision)
@@ -185,7 +194,7 @@ class Llama(nn.Module):
             where = {"q_pos": positions, "kv_pos": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
                      "q_seg": jnp.ones((B, T), jnp.int32), "kv_seg": jnp.ones((B, S), jnp.int32)}
 
-        block = _remat_block(cfg)
+        block = _remat_block(cfg, self.layer_params)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block,
