@@ -35,13 +35,13 @@ from spiritlm_jax.units import UnitStringError
 from spiritlm_jax.vocoder import VocoderInputError
 
 from .audio import StreamingVocoder, pcm16, unit_kind, wav_header
-from .engine import Engine, Request, ServeError, SlotSampling
+from .engine import Engine, GenerationError, Request, SamplingConfig, ServeError
 from .metrics import Metrics
 from .schemas import CompletionRequest, GenerateRequest, SpeechRequest
 
 log = logging.getLogger("spiritlm_jax.serve")
 SAMPLE_RATE = 16000
-CLIENT_ERRORS = (ServeError, prompting.PromptError, AudioError, VocoderInputError, UnitStringError, SpeechDecodeError)
+CLIENT_ERRORS = (ServeError, GenerationError, prompting.PromptError, AudioError, VocoderInputError, UnitStringError, SpeechDecodeError)
 
 
 class HttpError(Exception):
@@ -182,8 +182,8 @@ class Service:
                 return
             await asyncio.sleep(0.05)
 
-    def make_request(self, ids: list[int], max_tokens: int, sampling: SlotSampling, banned) -> Request:
-        return Request(list(ids), int(max_tokens), sampling, banned)
+    def make_request(self, ids: list[int], max_tokens: int, sampling: SamplingConfig, banned, seed: int) -> Request:
+        return Request(list(ids), int(max_tokens), sampling, banned, seed=seed)
 
 
 def _seed(seed: int | None) -> int:
@@ -369,9 +369,11 @@ class _BodyTooLarge(Exception):
 
 
 # ------------------------------------------------------------------------------------------ completions
-def _sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int) -> SlotSampling:
-    return SlotSampling(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+def _sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> SamplingConfig:
+    """OpenAI's sampling fields → the offline options (temperature 0 = greedy); a bad value raises
+    GenerationError (a 400 with the CLI's message)."""
+    return SamplingConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
 
 
 def _check_neutral(body: CompletionRequest) -> None:
@@ -407,9 +409,8 @@ async def _completions(service: Service, body: CompletionRequest, http: HttpRequ
     jobs, streams = [], []
     for p in prompts:
         for k in range(body.n):
-            sampling = _sampling(body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                                 (seed + k) % 2 ** 32)
-            jobs.append(service.make_request(p, body.max_tokens, sampling, banned))
+            sampling = _sampling(body.temperature, body.top_k, body.top_p, body.repetition_penalty)
+            jobs.append(service.make_request(p, body.max_tokens, sampling, banned, (seed + k) % 2 ** 32))
             streams.append(TextStream(service.tok, p, stops))
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     events = service.events(jobs, http)
@@ -541,9 +542,9 @@ async def _speech(service: Service, body: SpeechRequest, http: HttpRequest):
     speaker = service.voice_id(body.voice)
     prompt = service.options.tts_template.replace("{text}", body.input)
     ids = service.tok.encode(prompt)
-    sampling = _sampling(body.temperature, body.top_k, body.top_p, 1.0, _seed(body.seed))
+    sampling = _sampling(body.temperature, body.top_k, body.top_p, 1.0)
     job = service.make_request(ids, body.max_tokens or service.options.tts_max_tokens, sampling,
-                               service.banned(OutputModality.SPEECH, for_speech_out=True))
+                               service.banned(OutputModality.SPEECH, for_speech_out=True), _seed(body.seed))
     sv = StreamingVocoder(st.vocoder, st.expressive, speaker_id=speaker, chunk_frames=service.options.audio_chunk_frames)
     events = service.events([job], http)
     first = await _first_event(events)
@@ -613,8 +614,8 @@ async def _transcriptions(service: Service, http: HttpRequest):
     wav = service.load_audio(await upload.read(), "file")
     units = await service.to_thread(st.encode_string, wav)
     prompt_ids = service.tok.encode(service.options.asr_template.replace("{units}", units))
-    job = service.make_request(prompt_ids, max_tokens, _sampling(temperature, 50, 1.0, 1.0, _seed(None)),
-                               service.banned(OutputModality.TEXT))
+    job = service.make_request(prompt_ids, max_tokens, _sampling(temperature, 50, 1.0, 1.0),
+                               service.banned(OutputModality.TEXT), _seed(None))
     stream = TextStream(service.tok, prompt_ids, ["\n"])
     async for ev in service.events([job], http):
         if ev[1] == "token" and not stream.stopped:
@@ -661,11 +662,11 @@ async def _generate(service: Service, body: GenerateRequest, http: HttpRequest):
     speaker = (service.voice_id(body.voice) if body.voice is not None
                else (service.voice_id(body.speaker_id) if body.speaker_id is not None else 2))
     ids = service.tok.encode(prompt)
-    sampling = SlotSampling(do_sample=body.do_sample, temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=_seed(body.seed))
+    sampling = SamplingConfig(do_sample=body.do_sample, temperature=body.temperature, top_k=body.top_k,
+                              top_p=body.top_p, repetition_penalty=body.repetition_penalty)
     # exactly the offline ban list (SpiritLM.generate), so greedy output equals offline generate
     banned = service.lm._banned(modality, body.force_tokens_to_output_modality)
-    job = service.make_request(ids, body.max_new_tokens, sampling, banned)
+    job = service.make_request(ids, body.max_new_tokens, sampling, banned, _seed(body.seed))
     events = service.events([job], http)
     first = await _first_event(events)
     if body.stream:

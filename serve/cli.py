@@ -116,7 +116,7 @@ def build_service(args):
     from spiritlm_jax.spiritlm import SpiritLM
 
     from .app import Service, ServeOptions
-    from .engine import Engine, Request
+    from .engine import Engine
 
     if args.slots < 1:
         raise CliError(f"--slots must be ≥ 1, got {args.slots}")
@@ -157,8 +157,8 @@ def build_service(args):
                            ("--tts-template", options.tts_template, "{text}")):
         if key not in tpl:
             raise CliError(f"{flag} must contain {key}, got {tpl[:80]!r}")
-    if not args.no_warmup:  # compile the decode step and the smallest prefill before the first client waits
-        engine.run_to_completion([Request([lm.tokenizer.vocab.bos_id], 2)])
+    if not args.no_warmup:  # compile the decode steps and the smallest prefill before the first client waits
+        engine.warm_up(lm.tokenizer.vocab.bos_id)
     return Service(lm, engine, options)
 
 

@@ -4,8 +4,16 @@
   and one contiguous row of ``max_len`` positions per slot. A request is prefilled into a free row
   (prompt padded to a bucket length, so one compiled prefill per bucket) while the other rows keep
   their state; ONE compiled decode step then advances every slot, each at its own position, with its own
-  sampling parameters (``serve.sampling``: (B,) arrays, no recompiles), ban mask (output modality) and
-  repetition-penalty history. A finished or cancelled slot is free at the next scheduler iteration.
+  generation options, ban mask (output modality) and token history. A finished or cancelled slot is free
+  at the next scheduler iteration.
+* **Sampling: the offline processors.** Logits go through ``infer/processors.py`` (HF's processors and
+  warpers with per-row (B,) parameters: the same code as ``infer.engine.generate``), so every option of a
+  :class:`SamplingConfig` (repetition penalty, no-repeat n-grams, bad words, min lengths, temperature, top-k,
+  top-p) works per slot and changing a value never recompiles. Only the static structure
+  (:class:`ProcessorFlags`) is chosen from the running slots, from a handful of variants (greedy only; sampling
+  over the top ``SORT_WIDTH`` candidates; sampling over the full vocabulary; with no-repeat n-grams), each
+  compiled once. A sampling slot draws with its own key ``fold_in(key(seed), n)`` at its n-th token, so its
+  stream does not depend on what runs beside it.
 * **Exactness.** A row only ever reads cache positions it wrote itself (a query at position p attends to
   positions ≤ p, and every position ≤ p is written by this request's prefill or decode before it is
   read), so what other slots hold or do cannot change a row's result: greedy output equals the offline
@@ -46,11 +54,14 @@ from jax import lax
 
 from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.buckets import bucket_length
-from spiritlm_jax.infer.processors import GenerationError, SamplingConfig
+from spiritlm_jax.infer import processors
+from spiritlm_jax.infer.processors import GenerationError, ProcessorFlags, SamplingConfig, StepState
 from spiritlm_jax.models.llama import cache_logical_axes, init_cache
 from spiritlm_jax.models.quantization import llama_module
 
-from .sampling import SlotSampling, sample_rows
+TOP_LOGPROBS = 5  # the most OpenAI's completions API returns per position
+SORT_WIDTH = 64  # top-k/top-p over this many candidates when every sampling slot has 1 ≤ top_k ≤ 64 (HF: 50)
+GREEDY = SamplingConfig()
 
 
 class ServeError(ValueError):
@@ -62,12 +73,17 @@ class ServeError(ValueError):
 class Request:
     """One generation. ``on_token(id, logprob, top_ids, top_logprobs) -> bool`` is called per new token
     (True stops the request: a stop string was hit); ``on_finish(reason, error)`` once at the end, with
-    reason "stop" (EOS or stop string), "length" (max_tokens), "cancelled" or "error"."""
+    reason "stop" (EOS or stop string), "length" (max_tokens), "cancelled" or "error".
+
+    ``sampling`` is the offline :class:`SamplingConfig` (validated where it is built); its
+    ``max_new_tokens`` is replaced by ``max_tokens``, and its ``stop_strings`` are the server's business
+    (text-level, host side). ``seed`` picks the slot's random stream."""
 
     prompt: list[int]
     max_tokens: int
-    sampling: SlotSampling = SlotSampling()
+    sampling: SamplingConfig = GREEDY
     banned: np.ndarray | None = None  # (V,) bool
+    seed: int = 0
     on_token: Callable[..., bool] | None = None
     on_finish: Callable[[str, Exception | None], None] | None = None
     # filled in by the engine
@@ -189,27 +205,60 @@ def _prefill(params, cache, slot, tokens, start, last, prefix, *, cfg: LlamaConf
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, donate_argnums=(1, 2))
-def _first_token(logits, banned, seen, slot, banned_row, seen_row, temperature, top_k, top_p, rep, do_sample, seed,
-                 counter):
-    """A new slot's first token from its prefill logits; sets the slot's ban and seen rows."""
-    tok, lp, top_ids, top_lp = sample_rows(logits, banned_row[None], seen_row[None], temperature, top_k, top_p, rep,
-                                           do_sample, seed, counter)
-    seen_row = seen_row.at[tok[0]].set(True)
-    banned = lax.dynamic_update_slice_in_dim(banned, banned_row[None], slot, axis=0)
-    seen = lax.dynamic_update_slice_in_dim(seen, seen_row[None], slot, axis=0)
-    return tok, lp, top_ids, top_lp, banned, seen
+def _top_k(x, k):
+    """``lax.top_k`` kept as a TopK op: fused with its consumers XLA turns it into a full sort (measured:
+    152 ms per step for 4 rows instead of 2 ms). One barrier per output (a single barrier over both is
+    folded onto the TopK tuple, which XLA's SPMD TopkDecomposer cannot handle)."""
+    vals, ids = lax.top_k(x, k)
+    return lax.optimization_barrier(vals), lax.optimization_barrier(ids)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1, 3))
-def _decode_step(params, cache, banned, seen, token, position, temperature, top_k, top_p, rep, do_sample, seed,
-                 counter, *, cfg: LlamaConfig):
-    """ONE step for every slot: token (B,) at position (B,) → next token per slot."""
+def _choose(logits, banned, view: StepState, rows, seeds, counters, flags: ProcessorFlags):
+    """(B, V) logits → the next token of every row through the offline processors.
+
+    Returns (token (B,), its logprob (B,), top ids (B, 5), top logprobs (B, 5), failed (B,)); the
+    log-probabilities are of the processed distribution the token came from (greedy rows: after the
+    bans and penalties; sampling rows: after the warpers too). ``failed``: non-finite logits or bans that
+    leave no token (the request ends with an error instead of emitting garbage)."""
+    greedy_scores, sample_scores = processors.process(logits, banned, view, rows, flags)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)  # one stream per row
+    tok = processors.choose(greedy_scores, sample_scores, keys, rows, flags)
+    scores = jnp.where(rows.do_sample[:, None], sample_scores, greedy_scores) if flags.sampling else greedy_scores
+    logp = jax.nn.log_softmax(scores, axis=-1)  # (B, V)
+    chosen = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = _top_k(logp, TOP_LOGPROBS)
+    failed = ~jnp.all(jnp.isfinite(logits), axis=-1) | ~jnp.any(greedy_scores > -jnp.inf, axis=-1)
+    return tok, chosen, top_ids.astype(jnp.int32), top_lp, failed
+
+
+def _mark(seen, history, rows_idx, tok, at):
+    """Record the new tokens: ``seen`` (B, V) for the repetition penalty, ``history`` (B, T) at index ``at``."""
+    seen = seen.at[rows_idx, tok].set(True)
+    history = history.at[rows_idx, at].set(tok, mode="drop")
+    return seen, history
+
+
+@functools.partial(jax.jit, static_argnames=("flags",), donate_argnums=(1, 2, 3))
+def _first_token(logits, banned, seen, history, slot, banned_row, seen_row, history_row, prompt_len, rows, seed,
+                 *, flags: ProcessorFlags):
+    """A new slot's first token from its prefill logits (1, V); sets the slot's ban, seen and history rows."""
+    one = jnp.zeros((1,), jnp.int32)
+    view = StepState(history=history_row[None], cur_len=prompt_len[None], new_len=one, seen=seen_row[None])
+    tok, lp, top_ids, top_lp, failed = _choose(logits, banned_row[None], view, rows, seed[None], one, flags)
+    seen_row, history_row = (x[0] for x in _mark(seen_row[None], history_row[None], one, tok, prompt_len[None]))
+    put = lambda full, row: lax.dynamic_update_slice_in_dim(full, row[None], slot, axis=0)  # noqa: E731
+    return tok, lp, top_ids, top_lp, failed, put(banned, banned_row), put(seen, seen_row), put(history, history_row)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnums=(1, 3, 4))
+def _decode_step(params, cache, banned, seen, history, token, position, counter, rows, seeds, *, cfg: LlamaConfig,
+                 flags: ProcessorFlags):
+    """ONE step for every slot: token (B,) at position (B,) → next token per slot (at position + 1)."""
     logits, cache = llama_module(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=cache)
-    tok, lp, top_ids, top_lp = sample_rows(logits[:, 0], banned, seen, temperature, top_k, top_p, rep, do_sample,
-                                           seed, counter)
-    seen = seen.at[jnp.arange(tok.shape[0]), tok].set(True)
-    return tok, lp, top_ids, top_lp, cache, seen
+    view = StepState(history=history, cur_len=position + 1, new_len=counter, seen=seen)
+    tok, lp, top_ids, top_lp, failed = _choose(logits[:, 0], banned, view, rows, seeds, counter, flags)
+    seen, history = _mark(seen, history, jnp.arange(tok.shape[0]), tok, position + 1)
+    return tok, lp, top_ids, top_lp, failed, cache, seen, history
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "length"))
@@ -277,12 +326,30 @@ class Engine:
         self.cache = cache
         self.banned = self._shard(jnp.zeros((B, V), bool), "batch", None)
         self.seen = self._shard(jnp.zeros((B, V), bool), "batch", None)
-        self.host = {
-            "token": np.zeros(B, np.int32), "position": np.zeros(B, np.int32),
-            "temperature": np.ones(B, np.float32), "top_k": np.zeros(B, np.int32), "top_p": np.ones(B, np.float32),
-            "repetition_penalty": np.ones(B, np.float32), "do_sample": np.zeros(B, bool),
-            "seed": np.zeros(B, np.uint32), "counter": np.zeros(B, np.int32),
-        }
+        self.history = self._shard(jnp.full((B, self.max_len), self.pad_id, jnp.int32), "batch", None)
+        # host side, per slot: the token to feed, its position, tokens generated, seed, options
+        self.host = {"token": np.zeros(B, np.int32), "position": np.zeros(B, np.int32),
+                     "counter": np.zeros(B, np.int32), "seed": np.zeros(B, np.uint32)}
+        self.configs: list[SamplingConfig] = [GREEDY] * B  # a free slot is a neutral greedy row
+        self._rows = None  # the configs as processors.RowParams (device), rebuilt when a slot changes
+
+    # ---------------------------------------------------------------------------------- options per slot
+    def _eos_default(self) -> list[int]:
+        return [] if self.eos_id < 0 else [self.eos_id]
+
+    def _row_params(self, configs: list[SamplingConfig]):
+        rows = processors.row_params(configs, self._eos_default(), {})
+        return jax.tree.map(lambda x: self._shard(jnp.asarray(x), "batch", *([None] * (x.ndim - 1))), rows)
+
+    def flags(self, configs: list[SamplingConfig]) -> ProcessorFlags:
+        """The static processing structure for these rows, from a few variants (each compiled once): the
+        repetition penalty is always compiled in (1.0 is an exact no-op); top-k/top-p run over
+        ``SORT_WIDTH`` candidates when every sampling row allows it, else over the full vocabulary."""
+        f = processors.flags_for(configs, self.vocab)
+        width = 0 if not f.sort_width else (min(SORT_WIDTH, self.vocab) if f.sort_width <= SORT_WIDTH else self.vocab)
+        ngram = 0 if not f.max_ngram else min(processors.MAX_NGRAM, 1 << (f.max_ngram - 1).bit_length())
+        return ProcessorFlags(sort_width=width, top_p=bool(width), repetition_penalty=True, max_ngram=ngram,
+                              sampling=f.sampling)
 
     # ---------------------------------------------------------------------------------- checks
     def check(self, req: Request) -> None:
@@ -306,14 +373,16 @@ class Engine:
                 raise ServeError(f"the ban mask has shape {b.shape}; expected ({self.vocab},)")
             if b.all():
                 raise ServeError("the ban mask bans every token")
-        s = req.sampling
+        if not isinstance(req.sampling, SamplingConfig):
+            raise ServeError(f"sampling must be an infer.processors.SamplingConfig, got {type(req.sampling).__name__}")
         try:  # the one validation point of generation options (infer/processors.py), same messages as the CLI
-            SamplingConfig(do_sample=bool(s.do_sample), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                           max_new_tokens=req.max_tokens, repetition_penalty=s.repetition_penalty)
+            dataclasses.replace(req.sampling, max_new_tokens=req.max_tokens).check_vocab(self.vocab)
         except GenerationError as e:
             raise ServeError(str(e)) from None
-        if not 0 <= int(s.seed) < 2 ** 32:
-            raise ServeError(f"seed must be in [0, 2**32), got {s.seed}")
+        if req.sampling.num_return_sequences != 1:
+            raise ServeError("num_return_sequences must be 1 per engine request; submit n requests (the API's n)")
+        if isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer)) or not 0 <= int(req.seed) < 2 ** 32:
+            raise ServeError(f"seed must be an integer in [0, 2**32), got {req.seed!r}")
 
     # ---------------------------------------------------------------------------------- public API
     def submit(self, req: Request) -> Request:
@@ -393,6 +462,7 @@ class Engine:
                 self._insert(free, req)
             except Exception as e:  # this request fails alone
                 self._slots[free] = _Slot()
+                self.configs[free], self._rows = GREEDY, None
                 self._report_finish(req, "error", e)
         if self.active_slots:
             self._decode()
@@ -412,32 +482,44 @@ class Engine:
         self.prefill_tokens_total += rest
         self.prefix.store(ids, start, lambda L: _extract(self.cache, jnp.int32(i), cfg=self.cfg, length=L),
                           lambda n: min(bucket_length(n), self.max_len))
-        s, h = req.sampling, self.host
-        h["temperature"][i], h["top_k"][i], h["top_p"][i] = s.temperature, s.top_k, s.top_p
-        h["repetition_penalty"][i], h["do_sample"][i], h["seed"][i] = s.repetition_penalty, s.do_sample, s.seed
-        h["counter"][i] = 0
+        h = self.host
+        config = dataclasses.replace(req.sampling, max_new_tokens=req.max_tokens, stop_strings=())
+        self.configs[i] = config
+        self._rows = None
+        h["seed"][i], h["counter"][i] = req.seed, 0
         banned = np.zeros(self.vocab, bool) if req.banned is None else np.asarray(req.banned, bool)
+        banned = banned | processors.single_token_bans([config], self._eos_default(), self.vocab)[0]
         seen = np.zeros(self.vocab, bool)
         seen[np.asarray(ids)] = True
-        row = lambda k: jnp.asarray(h[k][i:i + 1])  # noqa: E731
-        tok, lp, top_ids, top_lp, self.banned, self.seen = _first_token(
-            logits, self.banned, self.seen, jnp.int32(i), jnp.asarray(banned), jnp.asarray(seen),
-            row("temperature"), row("top_k"), row("top_p"), row("repetition_penalty"), row("do_sample"),
-            row("seed"), row("counter"))
+        history = np.full(self.max_len, self.pad_id, np.int32)
+        history[:len(ids)] = ids
+        tok, lp, top_ids, top_lp, failed, self.banned, self.seen, self.history = _first_token(
+            logits, self.banned, self.seen, self.history, jnp.int32(i), jnp.asarray(banned), jnp.asarray(seen),
+            jnp.asarray(history), jnp.int32(len(ids)), jax.tree.map(jnp.asarray, processors.row_params(
+                [config], self._eos_default(), {})), jnp.uint32(req.seed), flags=self.flags([config]))
         h["position"][i] = len(ids)
+        if bool(failed[0]):
+            raise _failure(len(ids), 0)
         self._deliver(i, int(tok[0]), float(lp[0]), np.asarray(top_ids[0]), np.asarray(top_lp[0]))
 
     def _decode(self) -> None:
         h = self.host
-        tok, lp, top_ids, top_lp, self.cache, self.seen = _decode_step(
-            self.params, self.cache, self.banned, self.seen, *(jnp.asarray(h[k]) for k in (
-                "token", "position", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed",
-                "counter")), cfg=self.cfg)
+        if self._rows is None:
+            self._rows = self._row_params(self.configs)
+        active = [c for c, s in zip(self.configs, self._slots) if s.request is not None]
+        tok, lp, top_ids, top_lp, failed, self.cache, self.seen, self.history = _decode_step(
+            self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(h["token"]),
+            jnp.asarray(h["position"]), jnp.asarray(h["counter"]), self._rows, jnp.asarray(h["seed"]), cfg=self.cfg,
+            flags=self.flags(active))
         self.steps += 1
-        tok, lp, top_ids, top_lp = map(np.asarray, (tok, lp, top_ids, top_lp))
+        tok, lp, top_ids, top_lp, failed = map(np.asarray, (tok, lp, top_ids, top_lp, failed))
         for i, s in enumerate(self._slots):
-            if s.request is not None:
-                h["position"][i] += 1
+            if s.request is None:
+                continue
+            h["position"][i] += 1
+            if failed[i]:
+                self._finish(s, "error", _failure(int(h["position"][i]), s.request.n_generated))
+            else:
                 self._deliver(i, int(tok[i]), float(lp[i]), top_ids[i], top_lp[i])
 
     def _deliver(self, i: int, token: int, logprob: float, top_ids, top_lp) -> None:
@@ -473,7 +555,8 @@ class Engine:
         h = self.host
         h["token"][i] = self.pad_id
         h["position"][i] = 0
-        h["do_sample"][i] = False
+        self.configs[i] = GREEDY
+        self._rows = None
         self._report_finish(req, reason, error)
 
     def _report_finish(self, req: Request, reason: str, error: Exception | None = None) -> None:
@@ -488,6 +571,12 @@ class Engine:
                 pass
 
     # ---------------------------------------------------------------------------------- convenience
+    def warm_up(self, bos_id: int) -> None:
+        """Compile the two decode-step variants every server needs (greedy; sampling with HF's defaults,
+        top_k 50 → the ``SORT_WIDTH`` path) and the smallest prefill bucket."""
+        self.run_to_completion([Request([bos_id], 2)])
+        self.run_to_completion([Request([bos_id], 2, SamplingConfig(do_sample=True))])
+
     def run_to_completion(self, requests: list[Request]) -> list[list[int]]:
         """Submit and drive synchronously (no thread): the new ids of each request (EOS included)."""
         out: dict[int, list[int]] = {id(r): [] for r in requests}
@@ -500,4 +589,11 @@ class Engine:
         return [out[id(r)] for r in requests]
 
 
-__all__ = ["Engine", "Request", "SlotSampling", "ServeError", "PrefixCache", "GenerationError"]
+def _failure(position: int, n_generated: int) -> ServeError:
+    return ServeError(
+        f"generation stopped at new token {n_generated} (position {position}): the logits turned non-finite or the "
+        f"bans (output modality, bad_words_ids, no_repeat_ngram_size, min lengths) left no token; check the "
+        f"checkpoint (spiritlm-jax parity) or relax the options")
+
+
+__all__ = ["Engine", "Request", "SamplingConfig", "ServeError", "PrefixCache", "GenerationError"]

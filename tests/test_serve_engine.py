@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from spiritlm_jax.infer.engine import SamplingConfig, generate
-from spiritlm_jax.serve.engine import Engine, PrefixCache, Request, ServeError, SlotSampling
+from spiritlm_jax.serve.engine import Engine, PrefixCache, Request, ServeError
 
 
 SLOTS, MAX_LEN = 4, 256  # as in test_serve_http: the compiled programs are shared
@@ -48,13 +48,20 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
     greedy_prompts += [shared + rng.integers(3, V, size=int(n)).tolist() for n in (2, 9)]
     n_new = 20
     # one batched offline call: each row of `generate` decodes exactly as that prompt alone (its contract)
-    expected = generate(lm.cfg, lm.params, greedy_prompts, SamplingConfig(max_new_tokens=n_new), eos_id=2)[0]
+    plain = generate(lm.cfg, lm.params, greedy_prompts, SamplingConfig(max_new_tokens=n_new), eos_id=2)[0]
+    # the history-dependent processors per slot (the engine runs infer/processors.py, as offline generate):
+    # the banned words are taken from the plain outputs, so each option changes its row
+    configs = [SamplingConfig(max_new_tokens=n_new, **kw) for kw in (
+        {"repetition_penalty": 1.5}, {}, {"no_repeat_ngram_size": 2},
+        {"bad_words_ids": [[plain[3][4]], plain[3][7:9]]}, {}, {"min_new_tokens": n_new, "repetition_penalty": 0.7})]
+    expected = generate(lm.cfg, lm.params, greedy_prompts, configs, eos_id=2)[0]
+    assert all(expected[i] != plain[i] for i in (0, 2, 3))  # the options are not no-ops here
     engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefix_block=8)
-    greedy = [Request(p, n_new) for p in greedy_prompts]
+    greedy = [Request(p, n_new, c) for p, c in zip(greedy_prompts, configs)]
     noise = [Request([1] + rng.integers(3, V, size=9).tolist(), int(rng.integers(5, 30)),
-                     SlotSampling(do_sample=True, temperature=1.3, top_p=0.8, repetition_penalty=1.2, seed=i))
+                     SamplingConfig(do_sample=True, temperature=1.3, top_p=0.8, repetition_penalty=1.2), seed=i)
              for i in range(4)]
-    cancelled = Request([1, 5, 6], 100, SlotSampling(do_sample=True, seed=9))
+    cancelled = Request([1, 5, 6], 100, SamplingConfig(do_sample=True), seed=9)
     failing = Request([1, 8, 9], 50)  # its consumer raises: it fails alone, the others go on
     schedule = [(int(s), r) for s, r in zip(rng.integers(0, 40, size=len(greedy) + len(noise)), greedy + noise)]
     schedule += [(3, cancelled), (5, failing)]
@@ -72,14 +79,14 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
 def test_sampling_stream_is_per_slot(lm):
     """A seeded sampled request gives the same tokens alone and beside other requests."""
     engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2)
-    s = SlotSampling(do_sample=True, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
-    alone = engine.run_to_completion([Request([1, 7, 8, 9], 25, s)])[0]
-    crowd = engine.run_to_completion([Request([1, 3, 4], 30, SlotSampling(do_sample=True, seed=5)),
-                                      Request([1, 7, 8, 9], 25, s), Request([1, 10, 11, 12, 13], 12)])
+    s = SamplingConfig(do_sample=True, temperature=0.9, top_k=20, top_p=0.9)
+    alone = engine.run_to_completion([Request([1, 7, 8, 9], 25, s, seed=1234)])[0]
+    crowd = engine.run_to_completion([Request([1, 3, 4], 30, SamplingConfig(do_sample=True), seed=5),
+                                      Request([1, 7, 8, 9], 25, s, seed=1234), Request([1, 10, 11, 12, 13], 12)])
     assert crowd[1] == alone
-    full_vocab = SlotSampling(do_sample=True, top_k=0, top_p=0.5, seed=1234)  # the full-sort path
-    assert len(engine.run_to_completion([Request([1, 7, 8, 9], 5, full_vocab)])[0]) >= 1
-    top1 = engine.run_to_completion([Request([1, 7, 8, 9], 10, SlotSampling(do_sample=True, top_k=1, seed=3))])[0]
+    full_vocab = SamplingConfig(do_sample=True, top_k=0, top_p=0.5)  # the full-vocabulary path
+    assert len(engine.run_to_completion([Request([1, 7, 8, 9], 5, full_vocab, seed=1234)])[0]) >= 1
+    top1 = engine.run_to_completion([Request([1, 7, 8, 9], 10, SamplingConfig(do_sample=True, top_k=1), seed=3)])[0]
     assert top1 == _offline(lm, [1, 7, 8, 9], 10)  # top-k 1 is greedy
 
 
@@ -88,10 +95,9 @@ def test_sampling_stream_is_per_slot(lm):
     (Request([1, 2], 0), "max_tokens"),
     (Request([1] * 200, 70), "positions but a slot holds 256"),
     (Request([1, 99999], 5), "outside"),
-    (Request([1], 5, SlotSampling(do_sample=True, temperature=float("nan"))), "temperature"),
-    (Request([1], 5, SlotSampling(top_p=0.0)), "top_p"),
-    (Request([1], 5, SlotSampling(top_k=-1)), "top_k"),
-    (Request([1], 5, SlotSampling(repetition_penalty=0.0)), "repetition_penalty"),
+    (Request([1], 5, SamplingConfig(bad_words_ids=[[40000]])), "outside the model's vocabulary"),
+    (Request([1], 5, seed=-1), "seed"),
+    (Request([1], 5, {"temperature": 0.5}), "SamplingConfig"),
     (Request([1], 5, banned=np.ones(32667, bool)), "bans every token"),
 ])
 def test_bad_requests_are_refused_before_running(lm, req, message):
