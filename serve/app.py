@@ -182,6 +182,11 @@ class Service:
                 return
             await asyncio.sleep(0.05)
 
+    def default_max_tokens(self, ids: list[int], default: int) -> int:
+        """A length the client did not set: ``default`` or what is left of a slot after the prompt (an
+        over-long prompt still gets the engine's clear 400)."""
+        return max(1, min(default, self.engine.max_len - len(ids)))
+
     def make_request(self, ids: list[int], max_tokens: int, sampling: SamplingConfig, banned, seed: int) -> Request:
         return Request(list(ids), int(max_tokens), sampling, banned, seed=seed)
 
@@ -543,7 +548,8 @@ async def _speech(service: Service, body: SpeechRequest, http: HttpRequest):
     prompt = service.options.tts_template.replace("{text}", body.input)
     ids = service.tok.encode(prompt)
     sampling = _sampling(body.temperature, body.top_k, body.top_p, 1.0)
-    job = service.make_request(ids, body.max_tokens or service.options.tts_max_tokens, sampling,
+    job = service.make_request(ids, body.max_tokens or service.default_max_tokens(ids, service.options.tts_max_tokens),
+                               sampling,
                                service.banned(OutputModality.SPEECH, for_speech_out=True), _seed(body.seed))
     sv = StreamingVocoder(st.vocoder, st.expressive, speaker_id=speaker, chunk_frames=service.options.audio_chunk_frames)
     events = service.events([job], http)
@@ -610,10 +616,12 @@ async def _transcriptions(service: Service, http: HttpRequest):
     if fmt not in ("json", "text"):
         raise HttpError(400, f"response_format {fmt!r} is not supported; use 'json' or 'text'", param="response_format")
     temperature = _form_number(form, "temperature", float, 0.0, minimum=0.0)
-    max_tokens = _form_number(form, "max_tokens", int, service.options.asr_max_tokens, minimum=1)
+    max_tokens = _form_number(form, "max_tokens", int, None, minimum=1)
     wav = service.load_audio(await upload.read(), "file")
     units = await service.to_thread(st.encode_string, wav)
     prompt_ids = service.tok.encode(service.options.asr_template.replace("{units}", units))
+    if max_tokens is None:
+        max_tokens = service.default_max_tokens(prompt_ids, service.options.asr_max_tokens)
     job = service.make_request(prompt_ids, max_tokens, _sampling(temperature, 50, 1.0, 1.0),
                                service.banned(OutputModality.TEXT), _seed(None))
     stream = TextStream(service.tok, prompt_ids, ["\n"])

@@ -5,6 +5,7 @@ test_serve_cli.py."""
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -343,3 +344,59 @@ def test_client_disconnect_cancels_and_frees_the_slot(server):
     assert _metric(base, "spiritlm_active_slots") == 0.0
     assert _metric(base, 'spiritlm_requests_total{outcome="cancelled"}') == before + 1
     assert http(base, "POST", "/v1/completions", COMPLETION)[0] == 200  # the server goes on
+
+
+# ------------------------------------------------------------------------------------------ the README
+def _readme_block(lang: str, marker: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S) if marker in b]
+    assert len(blocks) == 1, f"expected one README {lang} block with {marker!r}, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_readme_curl_and_openai_examples_run_as_written(server, tmp_path, monkeypatch, capsys):
+    """The README's serve examples, verbatim except the port (bind(0)) and the key's placeholder value,
+    against the demo server: the greedy curl completion and both transcriptions equal offline generation;
+    both speech requests write a WAV."""
+    import subprocess
+
+    base, service = server
+    here = "127.0.0.1:" + base.rsplit(":", 1)[1]
+    curl = _readme_block("bash", "curl -s 127.0.0.1:8000")
+    python = _readme_block("python", "openai.OpenAI(")
+    assert curl.count("127.0.0.1:8000") == 3 and python.count("127.0.0.1:8000") == 1 and "export KEY=…" in curl
+    curl = curl.replace("127.0.0.1:8000", here).replace("export KEY=…", f"export KEY={KEY}")
+    (tmp_path / "question.wav").write_bytes(wav_bytes(2.0))
+    tok, st = service.lm.tokenizer, service.lm.speech_tokenizer
+    from spiritlm_jax.audio import load_audio
+
+    asr_ids = tok.encode(f"[Speech]{st.encode_string(load_audio((tmp_path / 'question.wav').read_bytes()))}[Text]")
+    asr_new = offline_ids(service, asr_ids, service.default_max_tokens(asr_ids, service.options.asr_max_tokens),
+                          service.banned(OutputModality.TEXT))
+    want_asr = continuation(service, asr_ids, asr_new).lstrip(" ").split("\n")[0].strip()
+
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", curl], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    replies, rest = [], run.stdout.strip()
+    while rest:  # the two JSON replies curl printed back to back
+        obj, end = json.JSONDecoder().raw_decode(rest)
+        replies.append(obj)
+        rest = rest[end:].lstrip()
+    assert len(replies) == 2 and "error" not in replies[0] and "error" not in replies[1], run.stdout[:500]
+    ids = tok.encode("[Text]Once upon a time")
+    assert replies[0]["choices"][0]["text"] == continuation(service, ids, offline_ids(service, ids, N))
+    assert replies[1]["text"] == want_asr
+    wav, sr = sf.read(tmp_path / "hello.wav", dtype="float32")
+    assert sr == 16000 and wav.size > 0 and np.isfinite(wav).all()
+
+    (tmp_path / "hello.wav").unlink()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KEY", KEY)
+    exec(compile(python.replace("127.0.0.1:8000", here), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.endswith(want_asr + "\n") and len(printed) > len(want_asr) + 1  # the streamed story, then the text
+    wav, sr = sf.read(tmp_path / "hello.wav", dtype="float32")
+    assert sr == 16000 and wav.size > 0 and np.isfinite(wav).all()
