@@ -18,15 +18,26 @@ barrier would wait for the dead peer). JAX's own heartbeat timeout is set well a
 aborts first. A process that finishes normally marks itself done first, so a peer that is still saving
 its last checkpoint does not mistake the finished one for a dead one.
 
-Limit: when process 0 itself dies, JAX's client in every other process sees its error poll to the
-coordination service fail at once and aborts from C++ within a second ("the JAX distributed service
-detected fatal errors ... another task died"), before this watchdog can speak. jaxlib's client takes a
-``missed_heartbeat_callback``, but ``jax.distributed.initialize`` passes none, and a Python callable given
-there cannot receive the C++ status (std::bad_cast in jaxlib 0.10.2).
+Process 0 may die too. JAX hosts its coordination service inside process 0, so when process 0 dies the
+others' clients lose their connection to it at once and JAX aborts them from C++ within a second (SIGABRT,
+"the JAX distributed service detected fatal errors ... another task died"), before any watchdog can speak;
+jaxlib's ``missed_heartbeat_callback`` cannot replace that abort with Python (a Python callable there cannot
+receive the C++ status: std::bad_cast, itself an abort, in jaxlib 0.10.2). So process 0 hosts the service in
+a small child process instead (``CoordinatorProcess``; the service and its arguments are JAX's own, only the
+process differs): when process 0 dies, the service lives on, process 0's heartbeats stop like any other
+peer's, and the others' watchdogs name it and stop. The child ends when process 0 shuts down normally, or,
+after process 0 died, when no process is connected any more (Linux: ``/proc/net/tcp``) or at the latest
+``2 * timeout_s + 10`` s later. What remains: if the whole machine of process 0 goes (child included), JAX
+still aborts the others from C++ within a second.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import select
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -40,9 +51,13 @@ _watchdog: "PeerWatchdog | None" = None
 def initialize(timeout_s: float = 60.0, *, hint: str = "", coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None) -> "PeerWatchdog | None":
     """``jax.distributed.initialize`` + gloo CPU collectives + a started ``PeerWatchdog`` (None for one
-    process). ``hint`` is appended to the lost-peer message (e.g. where training resumes from)."""
+    process). ``hint`` is appended to the lost-peer message (e.g. where training resumes from). Called again
+    in the same process (e.g. generation after training), it keeps the running job and its watchdog."""
     global _watchdog
     import jax
+
+    if jax.distributed.is_initialized():
+        return _watchdog
 
     kwargs = {}
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
@@ -56,7 +71,8 @@ def initialize(timeout_s: float = 60.0, *, hint: str = "", coordinator_address: 
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # JAX's own detection must come later than ours: its abort is the failure mode this module replaces.
     backstop = int(3 * timeout_s + 30)
-    jax.distributed.initialize(heartbeat_timeout_seconds=backstop, shutdown_timeout_seconds=backstop, **kwargs)
+    with _service_in_a_child_process(grace_s=2 * timeout_s + 10):
+        jax.distributed.initialize(heartbeat_timeout_seconds=backstop, shutdown_timeout_seconds=backstop, **kwargs)
     if jax.process_count() == 1:
         return None
     from jax._src import distributed as jax_distributed
@@ -79,6 +95,16 @@ def lost_peer_message(wait_s: float | None = None) -> str | None:
     """If the watchdog has found (or, within ``wait_s``, finds) a lost peer, its message; else None. For a
     main thread whose collective just failed: was it because a peer died?"""
     return _watchdog.wait_for_verdict(wait_s) if _watchdog is not None else None
+
+
+def exit_if_a_peer_was_lost() -> None:
+    """For a main thread whose collective, barrier or save just failed: if that was because a peer died,
+    report THAT (the watchdog decides within its timeout) and exit ``EXIT_PEER_LOST``, skipping JAX's
+    shutdown barrier, which would wait for the dead peer and then abort. Otherwise return (re-raise yours)."""
+    lost = lost_peer_message()
+    if lost is not None:
+        print(lost, file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_LOST)
 
 
 class PeerWatchdog(threading.Thread):
@@ -153,3 +179,102 @@ class PeerWatchdog(threading.Thread):
             self.client.key_value_set(f"{_PREFIX}/done/{self.me}", "1", allow_overwrite=True)
         except Exception:  # noqa: BLE001 - the coordinator may already be gone at the very end
             pass
+
+
+# --------------------------------------------------------------------------- the coordination service's process
+@contextlib.contextmanager
+def _service_in_a_child_process(grace_s: float):
+    """While ``jax.distributed.initialize`` runs, its ``_jax.get_distributed_runtime_service`` (called in
+    process 0 only) starts the service in a ``CoordinatorProcess`` instead of in this process; everything else
+    JAX does there (cluster auto-detection, the client, the preemption manager) is unchanged."""
+    from jax._src import distributed as jax_distributed
+
+    real = jax_distributed._jax
+
+    class _Lib:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def get_distributed_runtime_service(address, num_nodes, **options):
+            return CoordinatorProcess(address, num_nodes, grace_s=grace_s, **options)
+
+    jax_distributed._jax = _Lib()
+    try:
+        yield
+    finally:
+        jax_distributed._jax = real
+
+
+class CoordinatorProcess:
+    """JAX's coordination service (``get_distributed_runtime_service``) in a child process that outlives a
+    crash of its parent by a bounded grace period. Duck-types ``DistributedRuntimeService`` (``shutdown()``),
+    so ``jax.distributed.shutdown()`` ends it. The parent's stdin pipe is its lifeline: ``done`` = normal
+    shutdown; end of file without it = the parent died."""
+
+    def __init__(self, address: str, num_nodes: int, *, grace_s: float, start_timeout_s: float = 120.0, **options):
+        options = {k: v for k, v in options.items() if v is not None}
+        self.address = address
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spiritlm_jax.distributed", "serve", address, str(num_nodes), str(grace_s),
+             json.dumps(options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], start_timeout_s)
+        line = self.proc.stdout.readline().strip() if ready else ""
+        if line != "ready":
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"could not start the JAX coordination service on {address}: "
+                               f"{line or f'no answer within {start_timeout_s:.0f} s'}")
+
+    def shutdown(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("done\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _established_connections(port: int) -> int | None:
+    """TCP connections to our port that are still open (Linux's /proc/net/tcp{,6}); None where unreadable."""
+    count, seen = 0, False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count if seen else None
+
+
+def _serve(address: str, num_nodes: int, grace_s: float, options: dict) -> int:
+    """The child's main: host the service until the parent says ``done``, or, when the parent died, until
+    nobody is connected or ``grace_s`` has passed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the job is the parent's to handle
+    from jaxlib import _jax  # not `import jax`: the service needs the C++ library only
+
+    try:
+        service = _jax.get_distributed_runtime_service(address, num_nodes, **options)
+    except Exception as e:  # noqa: BLE001 - the reason goes to the parent, which raises it
+        print(str(e).splitlines()[0] if str(e) else type(e).__name__, flush=True)
+        return 1
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "done":  # the parent died: the others' watchdogs need the service
+        port = int(address.rsplit(":", 1)[1])
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _established_connections(port) != 0:
+            time.sleep(0.5)
+    service.shutdown()
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "serve":
+    sys.stdout.flush()
+    os._exit(_serve(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), json.loads(sys.argv[5])))

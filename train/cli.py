@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -158,24 +157,12 @@ def train(cfg) -> int:
     try:
         rc = _train(cfg, ckdir)
     except Exception:
-        _exit_if_a_peer_was_lost()
+        distributed.exit_if_a_peer_was_lost()
         raise
     if rc != 0:
-        _exit_if_a_peer_was_lost()
+        distributed.exit_if_a_peer_was_lost()
     distributed.finish()
     return rc
-
-
-def _exit_if_a_peer_was_lost() -> None:
-    """A collective, a checkpoint barrier or a save that failed because a peer died: report THAT (the
-    watchdog decides within distributed_timeout_s) and exit, skipping JAX's shutdown barrier, which would
-    wait for the dead peer and then abort."""
-    from spiritlm_jax import distributed
-
-    lost = distributed.lost_peer_message()
-    if lost is not None:
-        print(lost, file=sys.stderr, flush=True)
-        os._exit(distributed.EXIT_PEER_LOST)
 
 
 def _train(cfg, ckdir: Path) -> int:
