@@ -10,6 +10,15 @@ Model: --model is a variant name (spirit-lm-base-7b, spirit-lm-expressive-7b) re
 / $SPIRITLM_CHECKPOINTS_DIR (the original layout), or a folder (an original HF LM folder or one written by
 'spiritlm-jax convert'). Greedy by default, as HF's GenerationConfig; --do-sample enables sampling (top-k 50
 applies unless --top-k 0).
+
+Several processes (one per host, or several on one machine): --distributed calls jax.distributed.initialize
+(TPU pods and SLURM are detected; else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) and
+shards the LM over ALL processes' devices (--mesh DATA,FSDP,TENSOR; default 1,-1,1: every weight split
+over all devices), e.g. on two hosts:
+  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<0|1> \
+    spiritlm-jax generate --distributed --text "Once upon a time" --output-modality text
+Every process runs the same command with the same inputs and seed; process 0 prints and writes the
+outputs. A process that dies stops the others within --distributed-timeout-s (exit 5, naming it).
 """
 from __future__ import annotations
 
@@ -44,6 +53,12 @@ def add_arguments(p):
     p.add_argument("--no-force-modality", action="store_true",
                    help="do not ban the other modality's tokens (the original's force_tokens_to_output_modality=False)")
     p.add_argument("--out", default="spiritlm-out", help="folder for speech outputs")
+    p.add_argument("--distributed", action="store_true",
+                   help="run as one process of several (jax.distributed.initialize); the LM is sharded over all of them")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="device mesh for the LM, e.g. 1,8,1 (-1 = the rest; default: unsharded, or 1,-1,1 with --distributed)")
+    p.add_argument("--distributed-timeout-s", type=float, default=60.0, metavar="S",
+                   help="with --distributed: stop when a peer process has been silent this long (default 60)")
     p.set_defaults(inputs=None)
 
 
@@ -65,7 +80,16 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        lm = SpiritLM.from_pretrained(args.model, checkpoints=args.checkpoints, dtype=args.dtype)
+        mesh = _mesh(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # text in, text out (modality forced): no speech token can be read or written, so no speech models load
+    text_only = args.output_modality == "text" and not args.no_force_modality and (
+        args.prompt is None and all(kind == "text" for kind, _ in args.inputs))
+    try:
+        lm = SpiritLM.from_pretrained(args.model, checkpoints=args.checkpoints, dtype=args.dtype, mesh=mesh,
+                                      with_speech=not text_only)
         outs, prompt = lm.generate(
             interleaved_inputs=args.inputs if args.prompt is None else None, prompt=args.prompt,
             output_modality=args.output_modality, force_tokens_to_output_modality=not args.no_force_modality,
@@ -74,6 +98,18 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError, PromptError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception:
+        if args.distributed:  # a collective that failed because a peer died: say THAT (exit 5)
+            from spiritlm_jax import distributed
+
+            distributed.exit_if_a_peer_was_lost()
+        raise
+    if args.distributed:
+        from spiritlm_jax import distributed
+
+        distributed.finish()
+    if not _writes_outputs():
+        return 0  # every process computed the same rows (gathered); process 0 reports them
     out = Path(args.out)
     n_wav = 0
     print(f"prompt: {prompt[:200]}{'…' if len(prompt) > 200 else ''}", file=sys.stderr)
@@ -89,3 +125,36 @@ def run(args) -> int:
     if not outs:
         print("(no output: the model produced nothing that survived the original's output filters)")
     return 0
+
+
+def _mesh(args):
+    """The LM's mesh: none (this process's default device), or --mesh over every process's devices."""
+    if args.distributed_timeout_s <= 0 or args.distributed_timeout_s != args.distributed_timeout_s:
+        raise ValueError(f"--distributed-timeout-s must be a positive number of seconds, got {args.distributed_timeout_s}")
+    spec = args.mesh or ("1,-1,1" if args.distributed else None)
+    shape = None
+    if spec is not None:
+        try:
+            shape = tuple(int(x) for x in spec.split(","))
+        except ValueError:
+            raise ValueError(f"--mesh {spec!r}: give three integers DATA,FSDP,TENSOR, e.g. 1,8,1 (-1 = the rest)") from None
+    if args.distributed:
+        from spiritlm_jax import distributed
+
+        distributed.initialize(args.distributed_timeout_s, hint="Generation has no state to resume: rerun it")
+    if shape is None:
+        return None
+    import jax
+
+    from spiritlm_jax import sharding
+
+    mesh = sharding.make_mesh(shape)
+    print(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} over "
+          f"{mesh.devices.size} devices of {jax.process_count()} process(es)", file=sys.stderr)
+    return mesh
+
+
+def _writes_outputs() -> bool:
+    import jax
+
+    return jax.process_index() == 0

@@ -154,7 +154,9 @@ class SpiritLM:
                 raise FileNotFoundError(
                     f"no speech_tokenizer/ folder found for {lm_dir}; pass speech_checkpoints= (the original "
                     f"checkpoints/ root) or with_speech=False for a text-only model")
-            speech = SpeechTokenizer.from_checkpoints(root, variant, f0_backbone=f0_backbone, mesh=mesh)
+            # the speech models are small and run on each process's own input: never across processes
+            local = mesh if mesh is None or not mesh.is_multi_process else None
+            speech = SpeechTokenizer.from_checkpoints(root, variant, f0_backbone=f0_backbone, mesh=local)
         return cls(cfg, params, tok, speech, variant, mesh=mesh)
 
     # ------------------------------------------------------------------------------ generation

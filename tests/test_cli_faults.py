@@ -34,6 +34,19 @@ def test_generate_out_is_checked_before_the_model_loads(golden_dir, tmp_path, ca
     assert f.read_bytes() == b"valid earlier output"
 
 
+@pytest.mark.parametrize("flags, problem", [
+    (["--mesh", "1,x,1"], "--mesh '1,x,1': give three integers DATA,FSDP,TENSOR"),
+    (["--mesh", "3,1,1"], "mesh (3, 1, 1) needs 3 devices but 8 are available"),
+    (["--mesh", "1,-1,-1"], "at most one mesh axis may be -1"),
+    (["--distributed", "--distributed-timeout-s", "0"], "--distributed-timeout-s must be a positive number"),
+])
+def test_generate_mesh_and_distributed_options_are_checked_before_the_model_loads(golden_dir, capsys, flags, problem):
+    t0 = time.perf_counter()
+    assert main(["generate", "--text", "hi", "--checkpoints", str(golden_dir / "checkpoints"), *flags]) == 2
+    assert time.perf_counter() - t0 < 5  # refused up front: loading the model alone takes longer
+    assert problem in _one_error_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("case", ["a_folder", "missing_folder", "existing_file"])
 def test_tokenize_out_is_checked_before_the_model_loads(golden_dir, tmp_path, capsys, case):
     wav = tmp_path / "a.wav"
