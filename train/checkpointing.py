@@ -219,6 +219,8 @@ class Checkpointer:
         self.wait()
         if self._failed is None:  # after a failed save orbax's threads are in an error state: leave them be
             self.manager.close()
+        else:
+            self._remove_temporaries(self._saving)  # anything of the failed save written since it was reported
 
     def _save_failed(self, e: BaseException) -> CheckpointSaveError:
         """One clear error for a failed save; removes the step's temporary folder (nothing half-written stays)."""
@@ -244,8 +246,16 @@ class Checkpointer:
         into place only once complete), and this run is the directory's only writer."""
         if jax.process_index() != 0:
             return
-        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Writes of the failed save that were still in flight when the first one failed can go on once our
+        # removal frees space, re-creating the folder (seen with a real full tmpfs): remove until it stays gone.
+        deadline = time.monotonic() + 10
+        while True:
+            found = list(self.directory.glob("*.orbax-checkpoint-tmp*"))
+            for tmp in found:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not found or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
 
     def all_steps(self) -> list[int]:
         self.manager.reload()
