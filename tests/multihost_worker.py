@@ -1,18 +1,24 @@
 """One process of the two-process tests in test_multihost.py (run as a script, never collected by pytest).
 
-    python tests/multihost_worker.py OUT_DIR [--kill-at-step N] -- key=value ...   (the train overrides)
+    python tests/multihost_worker.py OUT_DIR [--kill-at-step N --kill-process P] [--generate JSON] -- key=value ...
+    python tests/multihost_worker.py OUT_DIR --idle TIMEOUT_S
 
 Runs ``spiritlm-jax train distributed=true ...`` through the real CLI entry point (``spiritlm_jax.cli.main``)
 in this process, with two probes that do not change what is trained:
 
 * every record the grain loader reads from the prepared dataset is logged (``reads-<process>.jsonl``), to
   prove the per-host shards are disjoint and cover the data;
-* ``--kill-at-step N``: process 1 SIGKILLs itself when the trainer asks for the batch of step N (after
-  the checkpoint of step N-2 has been committed), as a crashed host would.
+* ``--kill-at-step N``: process P (default 1) SIGKILLs itself when the trainer asks for the batch of step N
+  (after the checkpoint of step N-2 has been committed), as a crashed host would.
 
 After a run that ends normally, in the same processes: the newest checkpoint is restored onto ANOTHER mesh
 (2, 2, 2) and gathered (``params-restored.npz``, process 0), and the restored model generates greedily from
-fixed prompts with the batch sharded over both processes (``generated.json``, process 0).
+fixed prompts with the batch sharded over both processes (``generated.json``, process 0); with
+``--generate '[ARGS]'``, ``spiritlm-jax generate --distributed ARGS`` then runs in both processes (its stdout
+in ``generate-<process>.txt``).
+
+``--idle TIMEOUT_S``: no training; ``distributed.initialize(TIMEOUT_S)``, write ``ready-<process>``, then
+wait (up to 120 s) to be killed or to lose a peer: the cheapest run of the peer watchdog in both directions.
 """
 from __future__ import annotations
 
@@ -100,18 +106,46 @@ def _restore_and_generate(cfg, out: Path):
         (out / "generated.json").write_text(json.dumps({"step": int(step), "prompts": prompts, "ids": ids}))
 
 
+def _generate_cli(argv: list[str], out: Path, pid: int) -> int:
+    import contextlib
+
+    from spiritlm_jax.cli import main as cli_main
+
+    with open(out / f"generate-{pid}.txt", "w") as f, contextlib.redirect_stdout(f):
+        return cli_main(["generate", "--distributed", *argv])
+
+
+def _idle(timeout_s: float, out: Path, pid: int) -> int:
+    from spiritlm_jax import distributed
+
+    distributed.initialize(timeout_s)
+    from jax._src import distributed as jax_distributed
+
+    service = jax_distributed.global_state.service  # process 0: the child hosting the coordination service
+    if service is not None:
+        (out / "coordinator-pid").write_text(str(service.proc.pid))
+    (out / f"ready-{pid}").write_text(repr(time.time()))
+    time.sleep(120)  # killed, or the watchdog ends this process when its peer is killed
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--kill-at-step", type=int, default=None)
-    cut = sys.argv.index("--")
+    p.add_argument("--kill-process", type=int, default=1)
+    p.add_argument("--generate", default=None, metavar="JSON", help="generate arguments, a JSON list")
+    p.add_argument("--idle", type=float, default=None, metavar="TIMEOUT_S")
+    cut = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
     a = p.parse_args(sys.argv[1:cut])
     a.overrides = sys.argv[cut + 1:]
     out = Path(a.out)
     pid = int(os.environ["JAX_PROCESS_ID"])
+    if a.idle is not None:
+        return _idle(a.idle, out, pid)
     _record_reads(out / f"reads-{pid}.jsonl")
     ckpt = next(Path(o.split("=", 1)[1]) for o in a.overrides if o.startswith("checkpoint.dir="))
-    if a.kill_at_step and pid == 1:
+    if a.kill_at_step and pid == a.kill_process:
         _kill_at(a.kill_at_step, ckpt)
     from spiritlm_jax.cli import main as cli_main
 
@@ -124,6 +158,8 @@ def main() -> int:
         from spiritlm_jax.train.config import TrainConfig
 
         _restore_and_generate(TrainConfig.load(None, a.overrides), out)
+        if a.generate:
+            rc = _generate_cli(json.loads(a.generate), out, pid)
     from spiritlm_jax import distributed
 
     distributed.finish()

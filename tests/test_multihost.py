@@ -2,9 +2,11 @@
 collectives, a local coordinator) run `spiritlm-jax train distributed=true` through the real CLI on a
 prepared corpus; and `prepare` on Beam's multi-processing DirectRunner equals the in-process run.
 
-One pair of processes is killed mid-run, a second pair resumes; the same two processes then restore the
-multi-writer checkpoint onto another mesh and generate with the batch sharded over both. Processes are
-shared across the checks (each start + compile costs seconds); every wait is bounded.
+Process 0 (whose child hosts the coordination service) is killed mid-run, a second pair resumes; the same
+two processes then restore the multi-writer checkpoint onto another mesh, generate with the batch sharded
+over both, and run `spiritlm-jax generate --distributed` with the LM sharded over both. The watchdog's
+verdict in the other direction (process 1 killed) is checked on idle pairs, which cost no compile.
+Processes are shared across the checks (each start + compile costs seconds); every wait is bounded.
 """
 from __future__ import annotations
 
@@ -82,16 +84,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, overrides: list[str], *extra: str) -> list[subprocess.Popen]:
+def _launch(out: Path, overrides: list[str], *extra: str, cache: Path | None = None) -> list[subprocess.Popen]:
+    """Two worker processes on a fresh port; ``cache``: a persistent compilation cache shared by the pairs
+    (the resumed pair then loads the killed pair's compiled train step instead of compiling it again)."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = []
+    cached = {} if cache is None else {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     for pid in (0, 1):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
+               **cached}
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), *extra, "--", *overrides], env=env,
                                       stdout=open(out / f"out-{pid}.txt", "w"), stderr=open(out / f"err-{pid}.txt", "w")))
     return procs
+
+
+def test_the_survivor_of_a_killed_peer_names_it_and_stops_either_way(tmp_path):
+    """Kill process 1 of one idle pair and process 0 of another (both at once: no compile, ~timeout s).
+    Process 0 dying is the hard case: JAX's coordination service lives in it, and without our child
+    process for the service the survivor is aborted from C++ within a second (SIGABRT, exit 134)."""
+    timeout_s = 5
+    pairs = {victim: _launch(tmp_path / f"kill{victim}", [], "--idle", str(timeout_s)) for victim in (0, 1)}
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and not all((tmp_path / f"kill{v}" / f"ready-{p}").exists()
+                                                  for v in (0, 1) for p in (0, 1)):
+        time.sleep(0.1)
+    killed_at = time.time()
+    for victim, procs in pairs.items():
+        procs[victim].kill()
+    for victim, procs in pairs.items():
+        out, survivor = tmp_path / f"kill{victim}", 1 - victim
+        codes, ended = _wait(procs, out)
+        err = (out / f"err-{survivor}.txt").read_text()
+        assert codes[victim] == -9 and codes[survivor] == 5, (victim, codes, err[-3000:])
+        assert err.strip().splitlines()[-1].startswith(
+            f"error: process {survivor} of 2: lost contact with process {victim} of 2: no heartbeat for"), err[-3000:]
+        assert "Traceback" not in err and "Check failure" not in err
+        assert ended[survivor] - killed_at <= timeout_s + 10, f"the survivor took {ended[survivor] - killed_at:.1f} s"
+    # the coordination service's child process does not outlive the job: nobody is connected any more
+    for victim in (0, 1):
+        child = int((tmp_path / f"kill{victim}" / "coordinator-pid").read_text())
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(child), f"the coordination service's process {child} outlived the job (victim {victim})"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # an orphan's zombie waits for a reaper that containers may lack
 
 
 def _wait(procs, out: Path) -> tuple[list[int], list[float]]:
@@ -132,7 +178,7 @@ class _TwoShardLoader:
             it.set_state(s)
 
 
-def test_two_processes_train_survive_a_kill_resume_restore_and_generate(corpus, tmp_path):
+def test_two_processes_train_survive_a_kill_resume_restore_and_generate(corpus, tmp_path, capsys):
     from spiritlm_jax import sharding as shd
     from spiritlm_jax.infer.engine import SamplingConfig, generate
     from spiritlm_jax.train.checkpointing import Checkpointer
@@ -142,21 +188,25 @@ def test_two_processes_train_survive_a_kill_resume_restore_and_generate(corpus, 
     ckpt = tmp_path / "run"
     ov = _overrides(ckpt, corpus)
 
-    # 1. Process 1 dies (SIGKILL) when asking for step 6's batch; checkpoint 4 is complete.
+    # 1. Process 0 dies (SIGKILL) when asking for step 6's batch; checkpoint 4 is complete.
     killed = tmp_path / "a"
-    codes, ended = _wait(_launch(killed, ov, "--kill-at-step", "6"), killed)
-    err0 = (killed / "err-0.txt").read_text()
-    assert codes[1] == -9 and codes[0] == 5, (codes, err0[-3000:])
-    last = err0.strip().splitlines()[-1]
-    assert last.startswith("error: process 0 of 2: lost contact with process 1 of 2: no heartbeat for"), last
-    assert f"the last complete checkpoint in {ckpt}" in last and "Traceback" not in err0
-    took = ended[0] - float((tmp_path / "killed_at").read_text())
+    cache = tmp_path / "xla-cache"
+    codes, ended = _wait(_launch(killed, ov, "--kill-at-step", "6", "--kill-process", "0", cache=cache), killed)
+    err1 = (killed / "err-1.txt").read_text()
+    assert codes[0] == -9 and codes[1] == 5, (codes, err1[-3000:])
+    last = err1.strip().splitlines()[-1]
+    assert last.startswith("error: process 1 of 2: lost contact with process 0 of 2: no heartbeat for"), last
+    assert f"the last complete checkpoint in {ckpt}" in last and "Traceback" not in err1
+    took = ended[1] - float((tmp_path / "killed_at").read_text())
     assert took <= TIMEOUT_S + 10, f"the survivor took {took:.1f} s to stop"  # measured 10-12 s
     assert Checkpointer(ckpt).all_steps()[-1] == 4
 
-    # 2. Both restart with the same command: resume from 4, finish 6; then restore onto (2,2,2) + generate.
+    # 2. Both restart with the same command: resume from 4, finish 6; then restore onto (2,2,2) + generate
+    # (the engine with the batch sharded; the CLI with the LM's weights sharded over both processes).
     resumed = tmp_path / "b"
-    codes, _ = _wait(_launch(resumed, ov), resumed)
+    gen_argv = ["--model", str(corpus["tok"]), "--text", "The weather today is", "--output-modality", "text",
+                "--max-new-tokens", "8", "--mesh", "1,8,1"]  # the golden Base LM (an original HF folder)
+    codes, _ = _wait(_launch(resumed, ov, "--generate", json.dumps(gen_argv), cache=cache), resumed)
     err0 = (resumed / "err-0.txt").read_text()
     assert codes == [0, 0], err0[-3000:]
     assert f"resumed from {ckpt}/4" in err0
@@ -172,7 +222,8 @@ def test_two_processes_train_survive_a_kill_resume_restore_and_generate(corpus, 
     # 3. The single-process 8-device run on the same data (host 0's rows, then host 1's) trains the same
     # parameters: measured max |diff| ~1e-8 (fp32; gloo sums the two hosts' partial gradients in another order).
     cfg = TrainConfig.load(None, ov).override(f"checkpoint.dir={tmp_path / 'ref'}")
-    ref = Trainer(cfg, _TwoShardLoader(corpus), mesh=shd.make_mesh((1, 8, 1)))
+    # the reference needs its final parameters only: no intermediate checkpoints (they cost seconds)
+    ref = Trainer(cfg.override("checkpoint.every=1000"), _TwoShardLoader(corpus), mesh=shd.make_mesh((1, 8, 1)))
     t0 = time.perf_counter()
     ref.train()
     ref_wall = time.perf_counter() - t0
@@ -194,6 +245,13 @@ def test_two_processes_train_survive_a_kill_resume_restore_and_generate(corpus, 
     gen = json.loads((resumed / "generated.json").read_text())
     ids, _ = generate(tr.llama_cfg, state["params"], gen["prompts"], SamplingConfig(max_new_tokens=6))
     assert gen["ids"] == ids and all(len(r) == 6 for r in ids)
+    # ... and through the CLI: process 0 prints what one process prints; process 1 prints nothing
+    capsys.readouterr()
+    assert cli_main(["generate", *gen_argv]) == 0
+    one = capsys.readouterr()
+    assert "text:" in one.out and (resumed / "generate-0.txt").read_text() == one.out, one
+    assert (resumed / "generate-1.txt").read_text() == ""
+    assert "mesh data=1 fsdp=8 tensor=1 over 8 devices of 2 process(es)" in (resumed / "err-0.txt").read_text()
 
     # measurements for the report (time per step, checkpoint bytes per host)
     multi = [r["step_time_s"] for r in rows if r["step"] not in (1, 5)]  # 1 and 5 include the compile
