@@ -111,6 +111,19 @@ def test_bad_records_are_clear_errors():
         sft.parse_record({"task": "asr", "audio": "a.wav", "start": 2, "end": 1, "text": "x"}, "m:5")
 
 
+def test_bad_eval_task_entries_are_clear_errors():
+    from spiritlm_jax.train.trainer import TrainingError
+    from spiritlm_jax.train.validation import parse_tasks, task_labels
+
+    assert [a.task for a in parse_tasks(["pairs --data p.jsonl --limit 3"])] == ["pairs"]
+    assert task_labels(parse_tasks(["pairs --data a", "mmlu --data m", "pairs --data b"])) == ["pairs_1", "mmlu", "pairs_2"]
+    for line, msg in (("pairs --data p.jsonl --model base", "--model cannot be used here"),
+                      ("pairs", "needs --data"), ("parse --data x", "invalid choice"),
+                      ("stsp-score --ref_file a --pred_file b --data x", "not a model")):
+        with pytest.raises(TrainingError, match=msg):
+            parse_tasks([line])
+
+
 def test_sft_loss_is_the_response_tokens_cross_entropy_by_hand(tmp_path):
     """The trainer's loss on a packed batch equals log-softmax cross-entropy over the response tokens only,
     computed here from each document run ALONE (so packing's segments and positions are checked too)."""
@@ -295,13 +308,15 @@ def test_dpo_loss_equals_a_hand_computation(tmp_path):
     adapters = jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape),
                             trainer.state["params"])
     batch = next(PairIterator(WORDS, 3, 12))
-    got = make_dpo_step(trainer.plan, trainer.tx, trainer.sched, cfg.dpo, train=False)(
+    # jitted, not eager: op-by-op dispatch of the qwix-wrapped model was most of this test's time
+    got = jax.jit(make_dpo_step(trainer.plan, trainer.tx, trainer.sched, cfg.dpo, train=False))(
         {"params": adapters}, batch, trainer.frozen)
     full = merge_lora(_merge(jax.device_get(trainer.frozen["params"]), jax.device_get(adapters)), 4, 16.0)
     base = jax.device_get(trainer.frozen["params"])
+    apply = jax.jit(lambda params, tokens: trainer.model.apply({"params": params}, tokens)[0])
 
     def logp(params, row):
-        lg = np.asarray(trainer.model.apply({"params": params}, row["tokens"][None])[0][0], np.float64)
+        lg = np.asarray(apply(params, row["tokens"][None])[0], np.float64)
         lg = lg - lg.max(-1, keepdims=True)
         lsm = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
         return sum(lsm[i, row["targets"][i]] for i in range(len(row["tokens"])) if row["loss_mask"][i])
@@ -338,6 +353,11 @@ def test_dpo_learns_the_preference_on_held_out_prompts_within_a_kl_bound(tmp_pat
 
 @pytest.mark.parametrize("recipe", ["sft", "dpo"])
 def test_sharded_lora_step_equals_single_device_and_resume_is_bit_exact(tmp_path, recipe):
+    """Three trainers (not five): one uninterrupted single-device run gives both the step-1 reference for
+    the 8-device run and the 4-step reference for the resume, which restarts from a copy of that run's
+    folder holding only its step-2 checkpoint (what a kill after step 2 leaves)."""
+    import shutil
+
     from spiritlm_jax import sharding as shd
 
     if recipe == "dpo":
@@ -346,28 +366,23 @@ def test_sharded_lora_step_equals_single_device_and_resume_is_bit_exact(tmp_path
         extra, make = ["recipe=sft", f"data.seq_len={2 * DOC}"], (lambda: PackedIterator(word_orders()[0], 8))
     common = ["lora.rank=4", "data.batch_size=8", "optim.lr=1e-2", "steps=4", "checkpoint.every=2",
               "checkpoint.async_save=false", *extra]
-    results = {}
-    for name, mesh in (("single", shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])),
-                       ("sharded", shd.make_mesh((2, 2, 2)))):
-        trainer = Trainer(tiny_cfg(tmp_path / name, *common, "steps=1"), make(), mesh=mesh)
-        trainer.train()
-        results[name] = jax.device_get(trainer.state["params"])
-        trainer.close()
-    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(results["single"]),
-                                                          jax.tree.leaves(results["sharded"]))]
-    assert max(diffs) < 1e-6, diffs
-    # kill after step 2 and resume: bit-identical to the uninterrupted run
     straight = Trainer(tiny_cfg(tmp_path / "straight", *common), make(), mesh=single_device())
+    straight.train(until=1)
+    single = jax.device_get(straight.state["params"])
+    sharded = Trainer(tiny_cfg(tmp_path / "sharded", *common, "steps=1"), make(), mesh=shd.make_mesh((2, 2, 2)))
+    sharded.train()
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(single),
+                                                          jax.tree.leaves(jax.device_get(sharded.state["params"])))]
+    sharded.close()
+    assert max(diffs) < 1e-6, diffs
     straight.train()
-    cut = Trainer(tiny_cfg(tmp_path / "cut", *common), make(), mesh=single_device())
-    cut.train(until=2)
-    cut.close()
+    straight.close()
+    shutil.copytree(tmp_path / "straight", tmp_path / "cut", ignore=shutil.ignore_patterns("4"))
     resumed = Trainer(tiny_cfg(tmp_path / "cut", *common), make(), mesh=single_device())
     assert resumed.initialize() == 2
     resumed.train()
     for a, b in zip(jax.tree.leaves(jax.device_get(straight.state)), jax.tree.leaves(jax.device_get(resumed.state))):
         assert np.array_equal(a, b)
-    straight.close()
     resumed.close()
 
 
@@ -383,5 +398,64 @@ def test_config_presets_load_and_embed_llama_config():
         assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     cfg = TrainConfig.load(None, ["model.hidden_size=64", "model.remat=dots"])
     assert cfg.model.llama.hidden_size == 64 and cfg.model.llama.remat == "dots"
+    # docs/finetune.md's speech-rows command is a valid config (its run is the freezing test above)
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
+    (line,) = [ln for ln in doc.splitlines() if "optim.trainable_rows=speech" in ln and ln.startswith("spiritlm-jax")]
+    argv = shlex.split(line)
+    cfg = TrainConfig.load(Path(__file__).resolve().parents[1] / argv[argv.index("--config") + 1],
+                           [a for a in argv[4:] if "=" in a])
+    assert cfg.optim.trainable_rows == "speech" and not cfg.model.llama.scan_layers
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    tasks = TrainConfig.load(None, ['eval.tasks=["pairs --data a.jsonl", "mmlu --data m --n-shot 0"]']).eval.tasks
+    assert tasks == ("pairs --data a.jsonl", "mmlu --data m --n-shot 0")
+    with pytest.raises(TrainConfigError, match="JSON list"):
+        TrainConfig.load(None, ["eval.tasks=pairs --data a.jsonl"])
     with pytest.raises(TrainConfigError, match="remat"):
         TrainConfig.load(None, ["model.remat=sometimes"])
+
+
+def test_expressive_pitch_and_style_units_go_through_prepare_sft_and_train(tmp_path, golden_dir, monkeypatch):
+    """``prepare --sft --expressive``: the TTS response holds the Expressive tokenizer's own string
+    ([Pi]/[St]/[Hu] by the original's rules: SpeechTokenizer.encode_string, an independent path) and SFT on
+    it puts pitch and style tokens under the response-only loss. One 1 s clip: FCPE is real-size."""
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from spiritlm_jax.cli import main
+    from spiritlm_jax.speech import SpeechTokenizer
+    from spiritlm_jax.text import TextTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    st_dir = golden_dir / "checkpoints" / "speech_tokenizer"
+    lm_src = golden_dir / "checkpoints" / "spiritlm_model" / "spirit-lm-expressive-7b"
+    wav = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    sf.write("clip.wav", wav, 16000)
+    rec = {"task": "tts", "audio": "clip.wav", "text": "a calm voice"}
+    Path("records.jsonl").write_text(json.dumps(rec) + "\n")
+    assert main(["prepare", "--sft", "records.jsonl", "--speech-tokenizer", str(st_dir), "--expressive",
+                 "--output", "data", "--name", "expr"]) == 0
+    assert main(["convert", "llama", str(lm_src), "lm"]) == 0
+    tok = TextTokenizer.from_dir("lm")
+    units = SpeechTokenizer.from_checkpoints(st_dir, "expressive", with_vocoder=False).encode_string(wav)
+    assert "[Pi" in units and "[St" in units
+    want = sft.render(sft.parse_record(rec, "t"), [units])
+    it = sft.make_iterator("data/spiritlm_corpus/expr/1.0.0", "lm", kind="sft", seq_len=128, batch_size=1, num_epochs=1)
+    batch = next(it)
+    ids, n_prompt = sft.supervised_ids(tok, want["prompt"], want["response"])
+    assert list(batch["tokens"][0, :len(ids) - 1]) == list(ids[:-1])  # the prepared record, token for token
+    answer = batch["targets"][batch["loss_mask"] > 0]
+    vocab = tok.vocab
+    for stream in (vocab.pitch, vocab.style, vocab.hubert):
+        assert any(int(t) in stream for t in answer), stream  # every stream is trained on
+    assert not any(int(t) in vocab.pitch for t in batch["targets"][0, :n_prompt - 1])  # the prompt is text only
+    assert main(["train", "recipe=sft", "model.init=lm", "data.path=data/spiritlm_corpus/expr/1.0.0",
+                 "data.batch_size=8", "data.seq_len=128", "steps=2", "checkpoint.dir=run", "progress=false",
+                 "tensorboard=false", "model.remat=none", "model.dtype=float32"]) == 0
+    rows = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()]
+    per_record = sum(int(t) in vocab.pitch or int(t) in vocab.style or int(t) in vocab.hubert for t in answer)
+    # the speech tokens trained per step: whole records' responses (rows pack copies of the one record)
+    assert rows[-1]["tokens_speech"] > 0 and rows[-1]["tokens_speech"] % per_record == 0, (rows[-1], per_record)
+    assert np.isfinite(rows[-1]["loss_speech"])

@@ -29,7 +29,9 @@ def write_records(root: Path):
              {"task": "asr", "audio": "clips/missing.wav", "text": "no such file"}]  # a counted skip
     train += [{"prompt": [{"text": f"question {i}?"}], "response": [{"text": f" answer {i}"}]} for i in range(12)]
     held = [{"prompt": [{"text": f"held {i}?"}], "response": [{"text": f" reply {i}"}]} for i in range(4)]
-    for name, recs in (("train", train), ("heldout", held)):
+    pairs = [{"id": str(i), "good": f"the cat {w} on the mat", "bad": f"the cat on {w} mat the", "modality": "text"}
+             for i, w in enumerate(("sat", "slept", "sang", "stood"))]
+    for name, recs in (("train", train), ("heldout", held), ("pairs", pairs)):
         (root / "records" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
@@ -37,6 +39,9 @@ def test_finetune_doc_walkthrough_runs_as_written(tmp_path, golden_dir, monkeypa
     from spiritlm_jax.cli import main
 
     monkeypatch.chdir(tmp_path)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "configs").symlink_to(DOC.parents[1] / "configs")
     write_records(tmp_path)
     env = {"$SPIRITLM": str(golden_dir / "checkpoints" / "spiritlm_model" / "spirit-lm-base-7b"),
@@ -56,13 +61,20 @@ def test_finetune_doc_walkthrough_runs_as_written(tmp_path, golden_dir, monkeypa
     rows = [json.loads(line) for line in (tmp_path / "runs" / "sft_lora" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("split") == "eval"]
     assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["loss"]) for r in evals)
+    assert all(r["pairs/n"] == 4 and 0 <= r["pairs/accuracy"] <= 1 for r in evals)  # eval.tasks beside the loss
     assert list((tmp_path / "runs" / "sft_lora" / "tensorboard").glob("events.*"))
+    # W&B offline (no network): a run folder with its history
+    assert list((tmp_path / "runs" / "sft_lora" / "wandb").glob("offline-run-*/run-*.wandb"))
     merged = tmp_path / "models" / "sft-lora-merged"
     assert (merged / "tokenizer.model").is_file()
     from spiritlm_jax.converters.llama import load_converted
 
     cfg, params = load_converted(merged)
     assert cfg.vocab_size == 32667 and "q_lora_a" not in params["layers"]["attn"]
+    # the in-training task scored the step-4 parameters exactly as `spiritlm-jax eval` scores the export of step 4
+    assert main(["eval", "pairs", "--model", str(merged), "--data", "records/pairs.jsonl", "--dtype", "bfloat16",
+                 "--checkpoints", str(golden_dir / "checkpoints"), "--output", "pairs.json"]) == 0
+    assert json.loads(Path("pairs.json").read_text())["metrics"]["accuracy"] == evals[-1]["pairs/accuracy"]
     hf = tmp_path / "models" / "sft-lora-hf"
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 32667
     assert list(hf.glob("*.safetensors"))

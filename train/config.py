@@ -149,6 +149,10 @@ class EvalConfig:
     path: str = ""
     split: str = ""
     batches: int = 4
+    # `spiritlm-jax eval` command lines without the model (train/validation.py), run on the current
+    # parameters at every eval.every: eval.tasks='["pairs --data blimp.jsonl --limit 200"]'
+    tasks: tuple[str, ...] = ()
+    speech_tokenizer: str = ""  # the speech_tokenizer folder for speech tasks ("" = beside model.init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +442,12 @@ def _coerce(value, t, key: str):
             return float(value)
         if t is str:
             return str(value)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: a JSON list
+            items = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ValueError(value)
+            return tuple(_coerce(x, args[0], f"{key}[{i}]") for i, x in enumerate(items))
     except ValueError:
-        raise TrainConfigError(f"{key}: cannot read {value!r} as {t.__name__}") from None
+        raise TrainConfigError(f"{key}: cannot read {value!r} as {getattr(t, '__name__', t)}"
+                               + (" (a JSON list, e.g. '[\"a\", \"b\"]')" if origin is tuple else "")) from None
     raise TrainConfigError(f"{key}: unsupported field type {t}")

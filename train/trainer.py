@@ -535,6 +535,9 @@ class Trainer:
         self._step_fn = None
         self.compile_seconds = None
         self.history: list[StepRecord] = []
+        from .validation import TaskRunner  # eval.tasks: benchmark tasks on the current parameters
+
+        self.task_runner = TaskRunner(self) if cfg.eval.tasks else None
 
     # -------------------------------------------------------------- state
     def initialize(self) -> int:
@@ -605,8 +608,12 @@ class Trainer:
     # -------------------------------------------------------------- validation
     def evaluate(self) -> dict:
         """Held-out metrics on ``eval.batches`` batches of a fresh ``eval_data()`` iterator (same batches
-        every time): token-weighted loss/accuracy per modality, or DPO's pair metrics averaged."""
+        every time): token-weighted loss/accuracy per modality, or DPO's pair metrics averaged; plus the
+        ``eval.tasks`` metrics (``<task>/<metric>``, train/validation.py)."""
+        tasks = self.task_runner.run() if self.task_runner is not None else {}
         if self.eval_data is None:
+            if tasks:
+                return tasks
             raise TrainingError("eval.every is set but there is no held-out data: set eval.path (a prepared "
                                 "dataset) or pass eval_data= to Trainer")
         if self._eval_fn is None:
@@ -626,14 +633,14 @@ class Trainer:
         if n == 0:
             raise TrainingError("the held-out data (eval.path / eval.split) gave no batch")
         if self.cfg.recipe == "dpo":
-            return {k: v / n for k, v in totals.items()}
+            return {**{k: v / n for k, v in totals.items()}, **tasks}
         m = {"loss": totals["nll"] / max(totals["count"], 1.0), "accuracy": totals["correct"] / max(totals["count"], 1.0),
              "loss_tokens": totals["count"]}
         for name in ("text", "speech"):
             c = totals[f"count_{name}"]
             m[f"loss_{name}"] = totals[f"nll_{name}"] / c if c else float("nan")
             m[f"accuracy_{name}"] = totals[f"correct_{name}"] / c if c else float("nan")
-        return m
+        return {**m, **tasks}
 
     def _compile_eval(self):
         if self.cfg.recipe == "dpo":
