@@ -10,7 +10,10 @@
 Recipes: pretrain (next token on every token), sft (loss on the response tokens of `prepare --sft`
 records), dpo (preference pairs). lora.rank>0 trains LoRA adapters (qwix) on a frozen base,
 lora.quantize=int8|int4|nf4 stores that base quantized (QLoRA), optim.trainable=REGEX trains only the
-matching parameter paths; eval.every=N runs held-out validation (docs/finetune.md). Presets: configs/.
+matching parameter paths (optim.trainable_rows=speech: only the speech rows of embed/lm_head);
+eval.every=N runs held-out validation, plus `spiritlm-jax eval` tasks on the current parameters with
+eval.tasks='["pairs --data blimp.jsonl"]'; logging.wandb=true logs to W&B (offline by default)
+(docs/finetune.md). Presets: configs/.
 
 The config is the dataclass tree in spiritlm_jax/train/config.py (sections model, optim, data, mesh,
 checkpoint, and top-level steps, seed, log_every, ...); a FILE (.json/.toml/.yaml) gives values and each
