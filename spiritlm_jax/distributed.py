@@ -101,10 +101,8 @@ def exit_if_a_peer_was_lost() -> None:
     """For a main thread whose collective, barrier or save just failed: if that was because a peer died,
     report THAT (the watchdog decides within its timeout) and exit ``EXIT_PEER_LOST``, skipping JAX's
     shutdown barrier, which would wait for the dead peer and then abort. Otherwise return (re-raise yours)."""
-    lost = lost_peer_message()
-    if lost is not None:
-        print(lost, file=sys.stderr, flush=True)
-        os._exit(EXIT_PEER_LOST)
+    if lost_peer_message() is not None:
+        _watchdog.report_and_exit()
 
 
 class PeerWatchdog(threading.Thread):
@@ -118,6 +116,8 @@ class PeerWatchdog(threading.Thread):
         self.verdict: str | None = None
         self._found = threading.Event()
         self._halt = threading.Event()
+        self._report_lock = threading.Lock()
+        self._reported = False
 
     # ------------------------------------------------------------------ thread
     def run(self) -> None:
@@ -163,8 +163,15 @@ class PeerWatchdog(threading.Thread):
                         f"command{'. ' + self.hint if self.hint else ''}.")
         self._found.set()
         if self.exit_on_loss:
+            self.report_and_exit()
+
+    def report_and_exit(self) -> None:
+        """Print the verdict once (the main thread may be here too) and end the process."""
+        with self._report_lock:
             try:
-                print(self.verdict, file=sys.stderr, flush=True)
+                if not self._reported:
+                    self._reported = True
+                    print(self.verdict, file=sys.stderr, flush=True)
             finally:
                 os._exit(EXIT_PEER_LOST)
 
