@@ -60,28 +60,38 @@ class MiniatureConfig:
     features: str = "log_mel:40:1"
     kmeans_iter: int = 30
     text_vocab: int = 340  # SentencePiece pieces (256 byte pieces included)
-    hidden: int = 192
-    layers: int = 3
-    heads: int = 4
-    intermediate: int = 512
+    hidden: int = 384
+    layers: int = 6
+    heads: int = 6
+    intermediate: int = 1024
     seq_len: int = 192
-    batch_size: int = 16
-    steps: int = 150
-    lr: float = 2e-3
-    warmup: int = 20
+    batch_size: int = 8
+    steps: int = 80
+    lr: float = 1.5e-3
+    warmup: int = 8
     text_span: tuple[int, int] = (1, 5)
     speech_span: tuple[int, int] = (1, 5)
     asr_shots: int = 2  # few-shot ASR prompts must fit in seq_len (a shot is ~45 tokens)
     asr_items: int = 32
+    # ASR after SFT (recipe=sft, train/sft.py): the pretrained models named here are tuned on the training
+    # utterances' {"task": "asr"} records (the zero-shot `eval asr` prompt format), then scored zero-shot
+    sft_models: tuple[str, ...] = ("interleaved",)
+    sft_steps: int = 24
+    sft_lr: float = 1e-3
+    sft_warmup: int = 2
     voices: tuple[str, ...] = ("en-us", "en-us+m3", "en-us+f2", "en-gb-x-rp+m1", "en-us+m7", "en-gb-x-rp+f4")
     seed: int = 0
 
 
-# The full run is sized for this shared 2-core machine (measured ~4.6 s per step at load 14; docs/miniature.md).
+# The full run: ~11 M-parameter LMs (6 layers × 384), the steps sized for this shared 2-core machine
+# (measured ~21 s per step of 16 × 192 tokens at load ~15, so 8 rows a step: more updates for the same
+# tokens; docs/miniature.md).
 FULL = MiniatureConfig()
-# The quick run (CI): measured once end to end for the interleaved model (seed 0) at 98/128 held-out
-# cross-modal items against the p < 0.001 bound of 82/128 (docs/miniature.md).
-QUICK = dataclasses.replace(FULL, repeats=1, units=64, kmeans_iter=15, steps=80, asr_items=8)
+# The quick run (CI): the previous full run's 1.5 M-parameter shape (3 × 192), measured end to end at
+# 104/128 held-out cross-modal items for the interleaved model against the p < 0.001 bound of 82/128.
+QUICK = dataclasses.replace(FULL, repeats=1, units=64, kmeans_iter=15, hidden=192, layers=3, heads=4,
+                            intermediate=512, batch_size=16, steps=80, lr=2e-3, warmup=20, asr_items=8,
+                            sft_steps=8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,20 +265,23 @@ def _unit_stats(data_dir: str, n_units: int) -> dict:
                                 [list(zip(d.words, d.word_start, d.word_end)) for d in docs], n_units)
 
 
-def _train_config(cfg: MiniatureConfig, vocab, ckpt_dir: Path, progress: bool):
+def _train_config(cfg: MiniatureConfig, vocab, ckpt_dir: Path, progress: bool, *, recipe: str = "pretrain",
+                  steps: int | None = None, lr: float | None = None, warmup: int | None = None):
     from spiritlm_jax.train.config import TrainConfig
 
+    steps = cfg.steps if steps is None else steps
     return TrainConfig.from_dict({
         "model": {"vocab_size": vocab.n_embed, "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
                   "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
                   "num_key_value_heads": cfg.heads, "max_position_embeddings": 1024, "dtype": "float32",
                   "remat": "none", "scan_layers": True, "tie_word_embeddings": False,
                   "vocab_layout": f"speech={vocab.hubert.start}:{vocab.hubert.stop}"},
-        "optim": {"lr": cfg.lr, "warmup_steps": cfg.warmup, "weight_decay": 0.01},
+        "optim": {"lr": cfg.lr if lr is None else lr, "warmup_steps": cfg.warmup if warmup is None else warmup,
+                  "weight_decay": 0.01},
         "data": {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed},
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-        "checkpoint": {"dir": str(ckpt_dir), "every": cfg.steps, "keep": 1, "async_save": False, "resume": False},
-        "steps": cfg.steps, "seed": cfg.seed, "log_every": max(cfg.steps // 20, 1), "tensorboard": False,
+        "checkpoint": {"dir": str(ckpt_dir), "every": steps, "keep": 1, "async_save": False, "resume": False},
+        "recipe": recipe, "steps": steps, "seed": cfg.seed, "log_every": max(steps // 16, 1), "tensorboard": False,
         "progress": progress,
     })
 
@@ -296,6 +309,47 @@ def _train_one(cfg: MiniatureConfig, name: str, data_dir: str, tok_dir: Path, vo
     log(f"trained {name}: {tcfg.steps} steps, final loss {hist[-1]['loss']:.3f} "
         f"(text {hist[-1]['loss_text']:.3f}, speech {hist[-1]['loss_speech']:.3f})")
     return trainer.llama_cfg, trainer.state["params"], hist
+
+
+def _sft_data(out: Path, syn_stats: dict, speech_tokenizer: Path, progress: bool) -> str:
+    """The training utterances as ``{"task": "asr"}`` SFT records (train/sft.py: the zero-shot ``eval asr``
+    prompt ``[Speech]<units>[Text]`` → ``<transcript>\\n``), prepared by ``prepare --sft``'s path."""
+    from spiritlm_jax.train import prepare
+
+    train_dir = out / "tts" / "train"
+    manifest = out / "sft" / "asr_train.jsonl"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("".join(
+        json.dumps({"id": it["id"], "task": "asr", "audio": str(train_dir / f"{it['id']}.wav"),
+                    "text": (train_dir / f"{it['id']}.txt").read_text().strip()}) + "\n"
+        for it in syn_stats["train"]["items"]))
+    items, skipped = prepare.discover(sft=[str(manifest)])
+    opts = prepare.PrepareOptions(speech_tokenizer=str(speech_tokenizer), progress=progress, batch_files=32)
+    data_dir, _ = prepare.build_dataset(items, str(out / "sft" / "data"), "miniature_sft", opts,
+                                        discovery_skips=skipped, overwrite=True)
+    return data_dir
+
+
+def _sft_one(cfg: MiniatureConfig, name: str, llama_cfg, params, sft_data: str, tok_dir: Path, vocab, out: Path,
+             log, progress: bool):
+    """A short ``recipe=sft`` run of our trainer from the pretrained ``params`` (loss on the transcripts)."""
+    from spiritlm_jax.train.sft import make_iterator as make_sft_iterator
+    from spiritlm_jax.train.trainer import Trainer
+
+    ckpt = out / "models" / (name.replace("+", "_") + "-asr-sft")
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True)
+    tcfg = _train_config(cfg, vocab, ckpt, progress, recipe="sft", steps=cfg.sft_steps, lr=cfg.sft_lr,
+                         warmup=cfg.sft_warmup)
+    it = make_sft_iterator(sft_data, str(tok_dir / "tokenizer.model"), kind="sft", seq_len=cfg.seq_len,
+                           batch_size=cfg.batch_size, seed=cfg.seed, shard_index=0, shard_count=1)
+    trainer = Trainer(tcfg, it, params=params, llama_cfg=llama_cfg, console=io.StringIO() if not progress else None)
+    trainer.train()
+    trainer.close()
+    hist = [{"step": r.step, "loss": r.metrics["loss"]} for r in trainer.history]
+    log(f"ASR SFT of {name}: {tcfg.steps} steps, response loss {hist[0]['loss']:.3f} → {hist[-1]['loss']:.3f}")
+    return trainer.state["params"], hist
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,14 +428,32 @@ def _evaluate(cfg: MiniatureConfig, name: str, llama_cfg, params, tok, speech_to
     for d in ("T", "S", "T2S", "S2T"):
         r = eval_tasks.run_storycloze(runner, cloze, d)
         res[f"cloze_{d}"] = {**r.metrics, "correct": int(sum(x["correct"] for x in r.items))}
-    test = eval_data.read_utterances(paths["asr_test"])[:cfg.asr_items]
-    shots = eval_data.read_utterances(paths["asr_shots"])
-    asr = eval_tasks.run_asr(runner, test, n_shot=cfg.asr_shots, shot_pool=shots, seed=cfg.seed, max_new_tokens=24)
-    res["asr"] = {k: asr.metrics[k] for k in ("wer", "n")}
-    res["asr_examples"] = asr.items[:3]
+    res.update(_asr(cfg, runner, paths, cfg.asr_shots, "asr"))
     log(f"eval {name}: lexical {100 * lex.metrics['accuracy']:.1f}%, "
         + ", ".join(f"{d} {100 * res[f'cloze_{d}']['accuracy']:.1f}%" for d in ("T", "S", "T2S", "S2T"))
         + f", ASR WER {res['asr']['wer']:.1f}%")
+    return res
+
+
+def _asr(cfg: MiniatureConfig, runner, paths: dict, n_shot: int, key: str) -> dict:
+    """``eval asr`` (greedy, the harness's prompt) on the first ``asr_items`` held-out utterances; shots
+    from the training utterances."""
+    from spiritlm_jax.evaluation import data as eval_data
+    from spiritlm_jax.evaluation import tasks as eval_tasks
+
+    test = eval_data.read_utterances(paths["asr_test"])[:cfg.asr_items]
+    shots = eval_data.read_utterances(paths["asr_shots"])
+    asr = eval_tasks.run_asr(runner, test, n_shot=n_shot, shot_pool=shots, seed=cfg.seed, max_new_tokens=24)
+    return {key: {**{k: asr.metrics[k] for k in ("wer", "n")}, "n_shot": n_shot}, f"{key}_examples": asr.items[:3]}
+
+
+def _evaluate_sft_asr(cfg: MiniatureConfig, name: str, llama_cfg, params, tok, speech_tok, paths: dict, log) -> dict:
+    from spiritlm_jax.evaluation import tasks as eval_tasks
+    from spiritlm_jax.spiritlm import SpiritLM
+
+    runner = eval_tasks.Runner(SpiritLM(llama_cfg, params, tok, speech_tok, "base"), batch_size=32)
+    res = _asr(cfg, runner, paths, 0, "asr_sft")
+    log(f"eval {name} after ASR SFT: zero-shot ASR WER {res['asr_sft']['wer']:.1f}%")
     return res
 
 
@@ -401,18 +473,26 @@ def _constant_asr_baseline(cfg: MiniatureConfig, paths: dict, sentence: str) -> 
 
 def _table(results: dict) -> str:
     n = results["models"]["interleaved"]["cloze_T2S"]["n"]
-    rows = ["| model | lexical (word vs non-word) | T | S | T→S | S→T | ASR WER (few-shot) | final loss |",
-            "|---|---|---|---|---|---|---|---|"]
+    shots = results["config"]["asr_shots"]
+    rows = [f"| model | lexical (word vs non-word) | T | S | T→S | S→T | ASR WER ({shots}-shot) | ASR WER after SFT "
+            f"(0-shot) | final loss |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         def pct(k):
             return f"{100 * r[k]['accuracy']:.1f}"
+        sft = f"{r['asr_sft']['wer']:.1f}" if "asr_sft" in r else "–"
         rows.append(f"| {name} | {pct('lexical')} | {pct('cloze_T')} | {pct('cloze_S')} | {pct('cloze_T2S')} | "
-                    f"{pct('cloze_S2T')} | {r['asr']['wer']:.1f} | {r['final_loss']:.3f} |")
+                    f"{pct('cloze_S2T')} | {r['asr']['wer']:.1f} | {sft} | {r['final_loss']:.3f} |")
     thr = binomial_threshold(n)
     base = results.get("asr_constant_baseline")
     if base:
-        rows.append(f"| constant sentence (no model) | – | – | – | – | – | {base['wer']:.1f} | – |")
+        rows.append(f"| constant sentence (no model) | – | – | – | – | – | {base['wer']:.1f} | {base['wer']:.1f} | – |")
     rows.append("")
+    params = {r["params"] for r in results["models"].values()}
+    rows.append(f"Models: {'/'.join(f'{p / 1e6:.1f}' for p in sorted(params))} M parameters, "
+                f"{results['config']['steps']} steps × {results['config']['batch_size']} × "
+                f"{results['config']['seq_len']} tokens each; SFT: {results['config']['sft_steps']} steps of "
+                f"`recipe=sft` on the training utterances' ASR records.")
     rows.append(f"Accuracies in % on held-out items (continuation: {n} items per direction, chance 50 %; "
                 f"{thr}/{n} = {100 * thr / n:.1f} % is above chance at p < 0.001, one-sided binomial; lexical: "
                 f"{results['models']['interleaved']['lexical']['n']} pairs).")
@@ -428,7 +508,10 @@ def _plot(results: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, r in results["models"].items():
         h = r["history"]
-        ax1.plot([x["step"] for x in h], [x["loss"] for x in h], label=name)
+        line, = ax1.plot([x["step"] for x in h], [x["loss"] for x in h], label=name)
+        if r.get("sft_history"):  # the ASR SFT continues the curve (loss on the transcripts only)
+            ax1.plot([h[-1]["step"] + x["step"] for x in r["sft_history"]], [x["loss"] for x in r["sft_history"]],
+                     ls="--", color=line.get_color(), label=f"{name}: ASR SFT (transcript loss)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("training cross-entropy (nats/token)")
     ax1.set_title("training curves")
@@ -500,7 +583,10 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig = FULL, *, progre
                      "prepare": prep_stats["aligned"], "asr_constant_baseline": asr_baseline, "models": {},
                      "machine": {"cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
                                  "load_average": os.getloadavg()}}
-    for name in models:
+    sft_data = None
+    # the interleaved model first: a run stopped early (a time limit) still has the central comparison's half
+    order = sorted(models, key=lambda m: (m != "interleaved", list(ABLATIONS).index(m)))
+    for name in order:
         t = time.perf_counter()
         llama_cfg, params, hist = _train_one(cfg, name, data_dir, tok_dir, tok.vocab, out, log, progress)
         log.stage(f"train {name}", t)
@@ -508,15 +594,29 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig = FULL, *, progre
         res = _evaluate(cfg, name, llama_cfg, params, tok, speech_tok, paths, log)
         log.stage(f"eval {name}", t)
         res.update(history=hist, final_loss=hist[-1]["loss"], params=int(llama_cfg.num_params()))
+        if name in cfg.sft_models and cfg.sft_steps > 0:
+            t = time.perf_counter()
+            if sft_data is None:
+                sft_data = _sft_data(out, syn, st_dir, progress)
+            sft_params, sft_hist = _sft_one(cfg, name, llama_cfg, params, sft_data, tok_dir, tok.vocab, out, log,
+                                            progress)
+            res.update(_evaluate_sft_asr(cfg, name, llama_cfg, sft_params, tok, speech_tok, paths, log),
+                       sft_history=sft_hist)
+            log.stage(f"asr sft {name}", t)
         results["models"][name] = res
-    results["seconds"] = dict(log.times, total=time.perf_counter() - log.t0)
-    results["machine"]["load_average_end"] = os.getloadavg()
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+        results["models"] = {m: results["models"][m] for m in ABLATIONS if m in results["models"]}  # table order
+        _write_results(out, results, log)  # after every model: a stopped run keeps what it measured
     if set(models) == set(ABLATIONS):
         (out / "results.md").write_text(_table(results) + "\n")
         _plot(results, out / "miniature.png")
     log(f"done in {results['seconds']['total']:.0f} s: {out / 'results.json'}")
     return results
+
+
+def _write_results(out: Path, results: dict, log) -> None:
+    results["seconds"] = dict(log.times, total=time.perf_counter() - log.t0)
+    results["machine"]["load_average_end"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
 
 
 def _speech_root(st_dir: Path) -> Path:
