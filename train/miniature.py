@@ -19,7 +19,12 @@ Stages (each one the repository's own entry point or library, so the run tests t
 7. **evaluation** with the eval harness on held-out data: spoken-word lexical decision (word vs. non-word,
    sWUGGY-like), continuation choice in T, S, T→S, S→T (StoryCloze-like: the right ending vs. another
    agent's; each wrong ending is the right ending of a paired item, so a model that ignores the context
-   scores exactly 50 %), and few-shot ASR (the ``eval asr`` prompt).
+   scores exactly 50 %), and few-shot ASR (the ``eval asr`` prompt);
+8. **ASR after SFT** — the models of ``sft_models`` tuned by a short ``recipe=sft`` run (train/sft.py) on
+   the training utterances' ``{"task": "asr"}`` records, then scored zero-shot with the same prompt.
+
+:func:`unit_study` (``miniature --unit-study``) measures which frame features give units that carry
+the words (purity, word–unit mutual information): the random-weight HuBERT's layers vs. log-mel frames.
 
 Outputs in ``OUT``: ``results.json``, ``results.md`` (the table), ``miniature.png`` (training curves and
 the ablation bars), and every intermediate (``tts/``, ``speech_tokenizer/``, ``tokenizer/``, ``data/``,
@@ -42,7 +47,7 @@ import numpy as np
 from spiritlm_jax.train import grammar
 
 __all__ = ["MiniatureConfig", "QUICK", "FULL", "ABLATIONS", "run_miniature", "binomial_threshold",
-           "unit_word_statistics"]
+           "unit_word_statistics", "unit_study", "run_unit_study"]
 
 # name → SequenceConfig.aligned_mixture (the corpus is all aligned speech; the mixture decides the form)
 ABLATIONS = {
@@ -66,17 +71,19 @@ class MiniatureConfig:
     intermediate: int = 1024
     seq_len: int = 192
     batch_size: int = 8
-    steps: int = 80
+    steps: int = 60
     lr: float = 1.5e-3
-    warmup: int = 8
+    warmup: int = 6
     text_span: tuple[int, int] = (1, 5)
     speech_span: tuple[int, int] = (1, 5)
     asr_shots: int = 2  # few-shot ASR prompts must fit in seq_len (a shot is ~45 tokens)
     asr_items: int = 32
+    models: tuple[str, ...] = tuple(ABLATIONS)  # which of the three LMs to train (the interleaved one always)
     # ASR after SFT (recipe=sft, train/sft.py): the pretrained models named here are tuned on the training
     # utterances' {"task": "asr"} records (the zero-shot `eval asr` prompt format), then scored zero-shot
     sft_models: tuple[str, ...] = ("interleaved",)
-    sft_steps: int = 24
+    sft_steps: int = 16
+    sft_records: int = 0  # training utterances turned into ASR records (0 = all)
     sft_lr: float = 1e-3
     sft_warmup: int = 2
     voices: tuple[str, ...] = ("en-us", "en-us+m3", "en-us+f2", "en-gb-x-rp+m1", "en-us+m7", "en-gb-x-rp+f4")
@@ -84,14 +91,16 @@ class MiniatureConfig:
 
 
 # The full run: ~11 M-parameter LMs (6 layers × 384), the steps sized for this shared 2-core machine
-# (measured ~21 s per step of 16 × 192 tokens at load ~15, so 8 rows a step: more updates for the same
-# tokens; docs/miniature.md).
+# (measured ~21 s per step of 16 × 192 tokens at load ~15 and ~20 s per step of 8 × 192 at load ~19:
+# the full run must finish inside the session; docs/miniature.md).
 FULL = MiniatureConfig()
 # The quick run (CI): the previous full run's 1.5 M-parameter shape (3 × 192), measured end to end at
 # 104/128 held-out cross-modal items for the interleaved model against the p < 0.001 bound of 82/128.
+# Two LMs: the interleaved one and its no-interleaving control (the contrast the test asserts); the
+# speech-only model adds nothing to it and a third of the time.
 QUICK = dataclasses.replace(FULL, repeats=1, units=64, kmeans_iter=15, hidden=192, layers=3, heads=4,
                             intermediate=512, batch_size=16, steps=80, lr=2e-3, warmup=20, asr_items=8,
-                            sft_steps=8)
+                            sft_steps=6, sft_records=64, models=("interleaved", "text+speech"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,6 +148,52 @@ def unit_word_statistics(units: list[np.ndarray], starts: list[np.ndarray], ends
     return {"frames": int(len(u)), "words": len(vocab), "purity": float(joint.max(1).sum()),
             "majority_baseline": float(pw.max()), "mutual_information_bits": mi, "word_entropy_bits": hw,
             "units_used": int((pu[:, 0] > 0).sum())}
+
+
+def unit_study(speech_tokenizer: str | os.PathLike, aligned_dir: str | os.PathLike, features: list[str], *,
+               units: int, seed: int = 0, max_iter: int = 30, log: Callable[[str], None] = print) -> list[dict]:
+    """Which frame features make k-means units that carry the words: for each feature spec
+    (``hubert:LAYER`` | ``conv`` | ``log_mel[:N:C]``, on the encoder's framing), a k-means quantizer of
+    ``units`` centres fitted on every frame of ``aligned_dir``'s audio, then :func:`unit_word_statistics`
+    of its units against the engine's word spans (``<stem>.json`` next to each ``<stem>.wav``)."""
+    from spiritlm_jax.train.kmeans import fit_kmeans
+    from spiritlm_jax.train.quantizer_cli import HUBERT_FILE, collect_features, feature_extractor
+    from spiritlm_jax.unit_features import FeatureSpec
+
+    wavs = sorted(Path(aligned_dir).glob("*.wav"))
+    words = []
+    for w in wavs:
+        spans = json.loads(w.with_suffix(".json").read_text())
+        words.append([(x["word"], round(x["start"] * 16_000), round(x["end"] * 16_000)) for x in spans])
+    ckpt = Path(speech_tokenizer) / "hubert_25hz" / HUBERT_FILE
+    rows = []
+    for feat in features:
+        t = time.perf_counter()
+        spec = FeatureSpec.parse(feat)
+        ext = feature_extractor(ckpt, spec)
+        x, counts = collect_features(ext, wavs, progress=False)
+        km = fit_kmeans(x, units, seed=seed, max_iter=max_iter)
+        d2 = ((x ** 2).sum(1, keepdims=True) - 2 * x @ km.centers.T + (km.centers ** 2).sum(1))  # (frames, K)
+        labels = np.argmin(d2, axis=1)
+        hop, rf = ext.cfg.hop, ext.cfg.receptive_field
+        per_file = np.split(labels, np.cumsum(counts)[:-1])
+        starts = [hop * np.arange(n) for n in counts]  # frame j covers [hop·j, hop·j + rf)
+        st = unit_word_statistics(per_file, starts, [s + rf for s in starts], words, units)
+        rows.append({"features": feat, "dim": int(x.shape[1]), "units": units, **st,
+                     "seconds": time.perf_counter() - t})
+        log(f"unit study {feat}: purity {st['purity']:.3f} (majority {st['majority_baseline']:.3f}), MI "
+            f"{st['mutual_information_bits']:.3f} of {st['word_entropy_bits']:.3f} bits, {st['units_used']} units "
+            f"used ({rows[-1]['seconds']:.0f} s)")
+    return rows
+
+
+def unit_study_table(rows: list[dict]) -> str:
+    out = ["| features → k-means | dim | units | purity | majority baseline | word–unit MI (bits) | H(word) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| `{r['features']}` | {r['dim']} | {r['units']} | {r['purity']:.3f} | "
+                   f"{r['majority_baseline']:.3f} | {r['mutual_information_bits']:.2f} | {r['word_entropy_bits']:.2f} |")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +366,7 @@ def _train_one(cfg: MiniatureConfig, name: str, data_dir: str, tok_dir: Path, vo
     return trainer.llama_cfg, trainer.state["params"], hist
 
 
-def _sft_data(out: Path, syn_stats: dict, speech_tokenizer: Path, progress: bool) -> str:
+def _sft_data(out: Path, syn_stats: dict, speech_tokenizer: Path, progress: bool, limit: int = 0) -> str:
     """The training utterances as ``{"task": "asr"}`` SFT records (train/sft.py: the zero-shot ``eval asr``
     prompt ``[Speech]<units>[Text]`` → ``<transcript>\\n``), prepared by ``prepare --sft``'s path."""
     from spiritlm_jax.train import prepare
@@ -322,7 +377,7 @@ def _sft_data(out: Path, syn_stats: dict, speech_tokenizer: Path, progress: bool
     manifest.write_text("".join(
         json.dumps({"id": it["id"], "task": "asr", "audio": str(train_dir / f"{it['id']}.wav"),
                     "text": (train_dir / f"{it['id']}.txt").read_text().strip()}) + "\n"
-        for it in syn_stats["train"]["items"]))
+        for it in syn_stats["train"]["items"][:limit or None]))
     items, skipped = prepare.discover(sft=[str(manifest)])
     opts = prepare.PrepareOptions(speech_tokenizer=str(speech_tokenizer), progress=progress, batch_files=32)
     data_dir, _ = prepare.build_dataset(items, str(out / "sft" / "data"), "miniature_sft", opts,
@@ -535,7 +590,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig = FULL, *, progress: bool = True,
-                  echo: Callable[[str], None] = print, models: tuple[str, ...] = tuple(ABLATIONS)) -> dict:
+                  echo: Callable[[str], None] = print) -> dict:
     """Every stage (module docstring) into ``out``; returns the results dict (also results.json)."""
     import jax
 
@@ -543,6 +598,9 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig = FULL, *, progre
     from spiritlm_jax.text import TextTokenizer
     from spiritlm_jax.train.quantizer_cli import train_quantizer
 
+    models = tuple(cfg.models)
+    if "interleaved" not in models or not set(models) <= set(ABLATIONS):
+        raise ValueError(f"models must include 'interleaved' and name only {', '.join(ABLATIONS)}; got {models}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out, echo)
@@ -597,7 +655,7 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig = FULL, *, progre
         if name in cfg.sft_models and cfg.sft_steps > 0:
             t = time.perf_counter()
             if sft_data is None:
-                sft_data = _sft_data(out, syn, st_dir, progress)
+                sft_data = _sft_data(out, syn, st_dir, progress, cfg.sft_records)
             sft_params, sft_hist = _sft_one(cfg, name, llama_cfg, params, sft_data, tok_dir, tok.vocab, out, log,
                                             progress)
             res.update(_evaluate_sft_asr(cfg, name, llama_cfg, sft_params, tok, speech_tok, paths, log),
@@ -606,9 +664,8 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig = FULL, *, progre
         results["models"][name] = res
         results["models"] = {m: results["models"][m] for m in ABLATIONS if m in results["models"]}  # table order
         _write_results(out, results, log)  # after every model: a stopped run keeps what it measured
-    if set(models) == set(ABLATIONS):
-        (out / "results.md").write_text(_table(results) + "\n")
-        _plot(results, out / "miniature.png")
+    (out / "results.md").write_text(_table(results) + "\n")
+    _plot(results, out / "miniature.png")
     log(f"done in {results['seconds']['total']:.0f} s: {out / 'results.json'}")
     return results
 
@@ -617,6 +674,26 @@ def _write_results(out: Path, results: dict, log) -> None:
     results["seconds"] = dict(log.times, total=time.perf_counter() - log.t0)
     results["machine"]["load_average_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+
+
+def run_unit_study(out: str | os.PathLike, cfg: MiniatureConfig, features: list[str], *, progress: bool = True,
+                   echo: Callable[[str], None] = print) -> dict:
+    """``miniature --unit-study``: the run's training speech (synthesis stage), then :func:`unit_study` of
+    each feature spec with ``cfg.units`` units; writes ``unit_study.json`` and ``unit_study.md``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out, echo)
+    train, held = _sentences(cfg)
+    t = time.perf_counter()
+    _synthesize(cfg, out, train, held, log, progress)
+    log.stage("synthesis", t)
+    rows = unit_study(_tiny_speech_tokenizer(), out / "tts" / "train", features, units=cfg.units, seed=cfg.seed,
+                      max_iter=cfg.kmeans_iter, log=log)
+    res = {"config": dataclasses.asdict(cfg), "rows": rows, "seconds": time.perf_counter() - log.t0,
+           "load_average": os.getloadavg()}
+    (out / "unit_study.json").write_text(json.dumps(res, indent=1, default=_jsonable))
+    (out / "unit_study.md").write_text(unit_study_table(rows) + "\n")
+    return res
 
 
 def _speech_root(st_dir: Path) -> Path:
