@@ -601,7 +601,7 @@ def run_miniature(out: str | os.PathLike, cfg: MiniatureConfig = FULL, *, progre
     models = tuple(cfg.models)
     if "interleaved" not in models or not set(models) <= set(ABLATIONS):
         raise ValueError(f"models must include 'interleaved' and name only {', '.join(ABLATIONS)}; got {models}")
-    out = Path(out)
+    out = Path(out).resolve()  # the eval JSONL files name audio by absolute path (relative = to the JSONL)
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out, echo)
     log(f"miniature run into {out}: {dataclasses.asdict(cfg)}")
