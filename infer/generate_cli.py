@@ -129,8 +129,11 @@ def run(args) -> int:
 
 def _mesh(args):
     """The LM's mesh: none (this process's default device), or --mesh over every process's devices."""
-    if args.distributed_timeout_s <= 0 or args.distributed_timeout_s != args.distributed_timeout_s:
-        raise ValueError(f"--distributed-timeout-s must be a positive number of seconds, got {args.distributed_timeout_s}")
+    from spiritlm_jax.distributed import TIMEOUT_RANGE_S
+
+    low, high = TIMEOUT_RANGE_S
+    if not low <= args.distributed_timeout_s <= high:  # also refuses nan and inf
+        raise ValueError(f"--distributed-timeout-s must be in [{low}, {high}] seconds, got {args.distributed_timeout_s}")
     spec = args.mesh or ("1,-1,1" if args.distributed else None)
     shape = None
     if spec is not None:

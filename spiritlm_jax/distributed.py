@@ -43,6 +43,7 @@ import threading
 import time
 
 EXIT_PEER_LOST = 5
+TIMEOUT_RANGE_S = (1, 3600)  # a peer silent this long is lost: below 1 s heartbeats misfire, above an hour nobody waits
 _PREFIX = "spiritlm_jax/watchdog"
 
 _watchdog: "PeerWatchdog | None" = None

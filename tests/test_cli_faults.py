@@ -38,7 +38,7 @@ def test_generate_out_is_checked_before_the_model_loads(golden_dir, tmp_path, ca
     (["--mesh", "1,x,1"], "--mesh '1,x,1': give three integers DATA,FSDP,TENSOR"),
     (["--mesh", "3,1,1"], "mesh (3, 1, 1) needs 3 devices but 8 are available"),
     (["--mesh", "1,-1,-1"], "at most one mesh axis may be -1"),
-    (["--distributed", "--distributed-timeout-s", "0"], "--distributed-timeout-s must be a positive number"),
+    (["--distributed", "--distributed-timeout-s", "0"], "--distributed-timeout-s must be in [1, 3600] seconds"),
 ])
 def test_generate_mesh_and_distributed_options_are_checked_before_the_model_loads(golden_dir, capsys, flags, problem):
     t0 = time.perf_counter()

@@ -247,6 +247,8 @@ def test_generation_options_out_of_range(golden_dir, tmp_path, capsys):
         ["--do-sample", "--top-p", rng.choice(["nan", "0", "1.5", "-0.1"])],
         ["--top-k", str(-rng.randint(1, 9))],
         ["--max-new-tokens", rng.choice(["2.7", "abc", "1e3"])],
+        ["--mesh", rng.choice(["1,x,1", "3,1,1", "1,-1,-1", "8", "1,2,3,4"])],
+        ["--distributed", "--distributed-timeout-s", rng.choice(["0", "-5", "nan", "inf", "1e9"])],
     ]
     for extra in cases:
         assert_contract(base + extra, capsys)

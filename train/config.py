@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spiritlm_jax.config import ConfigError, LlamaConfig
+from spiritlm_jax.distributed import TIMEOUT_RANGE_S
 
 
 class TrainConfigError(ValueError):
@@ -255,8 +256,9 @@ def _validate(c: TrainConfig) -> None:
         raise TrainConfigError("optim.warmup_steps, lr, clip_norm and z_loss must be >= 0")
     if c.checkpoint.every < 1 or c.checkpoint.keep < 1:
         raise TrainConfigError("checkpoint.every and checkpoint.keep must be >= 1")
-    if not 1 <= c.distributed_timeout_s <= 3600:
-        raise TrainConfigError(f"distributed_timeout_s must be in [1, 3600] seconds, got {c.distributed_timeout_s}")
+    low, high = TIMEOUT_RANGE_S
+    if not low <= c.distributed_timeout_s <= high:
+        raise TrainConfigError(f"distributed_timeout_s must be in [{low}, {high}] seconds, got {c.distributed_timeout_s}")
     if c.log_every < 1:
         raise TrainConfigError("log_every must be >= 1")
     if c.recipe not in RECIPES:
