@@ -31,6 +31,10 @@
   the choice rests on exactness and simplicity: a row is the model's own cache layout, read through the
   public ``apply``/``init_cache`` API. What paging would add is memory: rows reserve ``max_len`` positions
   per slot whatever the request needs.
+* **Attention window.** A decode step attends over the first ``window`` positions of every row only: the
+  smallest power of two (≥ ``MIN_WINDOW``) above the furthest live position, each window one compile. The
+  window is a static slice of the cache; the one position each row writes is copied back. Rows reserve
+  ``max_len`` positions, but a step costs what the longest live row needs (measured in bench/serve_bench.py).
 * **Scheduling.** First come, first served; before each decode step every free slot is filled from the
   queue (prefill first: the lowest time to first token; the running slots wait for those prefills).
 
@@ -56,12 +60,13 @@ from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.buckets import bucket_length
 from spiritlm_jax.infer import processors
 from spiritlm_jax.infer.processors import GenerationError, ProcessorFlags, SamplingConfig, StepState
-from spiritlm_jax.models.llama import cache_logical_axes, init_cache
+from spiritlm_jax.models.llama import cache_length, cache_logical_axes, init_cache
 from spiritlm_jax.models.quantization import llama_module
 
 TOP_LOGPROBS = 5  # the most OpenAI's completions API returns per position
 SORT_WIDTH = 64  # top-k/top-p over this many candidates when every sampling slot has 1 ≤ top_k ≤ 64 (HF: 50)
 GREEDY = SamplingConfig()
+MIN_WINDOW = 128  # the smallest attention window of a decode step (positions)
 
 
 class ServeError(ValueError):
@@ -250,11 +255,36 @@ def _first_token(logits, banned, seen, history, slot, banned_row, seen_row, hist
     return tok, lp, top_ids, top_lp, failed, put(banned, banned_row), put(seen, seen_row), put(history, history_row)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnums=(1, 3, 4))
+def _window_view(cache, window: int, cfg: LlamaConfig):
+    """The first ``window`` positions of every row (static length): what a decode step attends over."""
+    _, len_ax = _cache_axes(cfg)
+    return jax.tree.map(lambda c: lax.slice_in_dim(c, 0, window, axis=len_ax), cache)
+
+
+def _write_back(cache, view, position, cfg: LlamaConfig):
+    """Copy each row's newly written position from the window ``view`` into the full cache."""
+    bax, len_ax = _cache_axes(cfg)
+    ax = len_ax - (bax < len_ax)  # the length axis once vmap has taken the batch axis away
+
+    def one_row(full, part, p):
+        return lax.dynamic_update_slice_in_dim(full, lax.dynamic_slice_in_dim(part, p, 1, axis=ax), p, axis=ax)
+
+    return jax.tree.map(lambda c, v: jax.vmap(one_row, in_axes=(bax, bax, 0), out_axes=bax)(c, v, position),
+                        cache, view)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "window"), donate_argnums=(1, 3, 4))
 def _decode_step(params, cache, banned, seen, history, token, position, counter, rows, seeds, *, cfg: LlamaConfig,
-                 flags: ProcessorFlags):
-    """ONE step for every slot: token (B,) at position (B,) → next token per slot (at position + 1)."""
-    logits, cache = llama_module(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=cache)
+                 flags: ProcessorFlags, window: int):
+    """ONE step for every slot: token (B,) at position (B,) → next token per slot (at position + 1).
+
+    Attention reads only the first ``window`` cache positions (every active row's position is below it), so
+    a step costs what the longest live row needs, not what ``max_len`` reserves."""
+    model = llama_module(cfg)
+    full = cache_length(cache)
+    view = cache if window >= full else _window_view(cache, window, cfg)
+    logits, view = model.apply({"params": params}, token[:, None], positions=position[:, None], cache=view)
+    cache = view if window >= full else _write_back(cache, view, position, cfg)
     view = StepState(history=history, cur_len=position + 1, new_len=counter, seen=seen)
     tok, lp, top_ids, top_lp, failed = _choose(logits[:, 0], banned, view, rows, seeds, counter, flags)
     seen, history = _mark(seen, history, jnp.arange(tok.shape[0]), tok, position + 1)
@@ -350,6 +380,11 @@ class Engine:
         ngram = 0 if not f.max_ngram else min(processors.MAX_NGRAM, 1 << (f.max_ngram - 1).bit_length())
         return ProcessorFlags(sort_width=width, top_p=bool(width), repetition_penalty=True, max_ngram=ngram,
                               sampling=f.sampling)
+
+    def window(self, last_position: int) -> int:
+        """The cache positions a decode step attends over when the furthest row is at ``last_position``:
+        powers of two from ``MIN_WINDOW`` up to ``max_len`` (few buckets: each is one compile of the step)."""
+        return min(self.max_len, max(MIN_WINDOW, 1 << int(last_position).bit_length()))
 
     # ---------------------------------------------------------------------------------- checks
     def check(self, req: Request) -> None:
@@ -510,7 +545,7 @@ class Engine:
         tok, lp, top_ids, top_lp, failed, self.cache, self.seen, self.history = _decode_step(
             self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(h["token"]),
             jnp.asarray(h["position"]), jnp.asarray(h["counter"]), self._rows, jnp.asarray(h["seed"]), cfg=self.cfg,
-            flags=self.flags(active))
+            flags=self.flags(active), window=self.window(int(h["position"].max())))
         self.steps += 1
         tok, lp, top_ids, top_lp, failed = map(np.asarray, (tok, lp, top_ids, top_lp, failed))
         for i, s in enumerate(self._slots):
