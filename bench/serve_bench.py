@@ -14,14 +14,19 @@ Parts (all by default; each bounded in requests and time, stopping by itself):
           speech-out native requests (streamed audio). Reports tokens/s, p50/p99 TTFT and TTFA, prefix-cache
           hit rate, lost/failed/duplicated requests; then the same request list one at a time through our
           server (sequential) and through HF transformers' generate (what a user of the original has).
-Targets: no request lost, failed or duplicated; 16 clients ≥ 4x the sequential tokens/s.
+  audio   (inside load, before the client rows) one speech-out request alone, streamed: time to first audio
+          vs time to its last sample (target <= 25% for a >= 5 s output).
+  and, after the rows: the sequential requests through a ONE-slot engine in process (batch-1 decode steps).
+Targets: no request lost, failed or duplicated; 16 clients >= 4x the sequential tokens/s.
 
-Run (one command; ~10-20 min on a quiet 2-core machine): python bench/serve_bench.py
-Quick check: python bench/serve_bench.py --quick
+Run (one command; stops by itself within --budget, 480 s by default; a part that would not fit is skipped and
+listed): python bench/serve_bench.py --out bench/serve_results.json
+Quick check: python bench/serve_bench.py --quick --tiny
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -96,11 +101,14 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     import jax
     import jax.numpy as jnp
 
-    from spiritlm_jax.serve.engine import Engine, Request, _decode_step, _extract, _prefill
+    from spiritlm_jax.serve.engine import Engine, Request, _extract, _prefill
 
     cfg = lm.cfg
     eng = Engine(cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1, prefix_cache_mb=0)
     eng.run_to_completion([Request([1] * 8, 3)])
+    for _ in range(slots):  # every slot busy with a short row
+        eng.submit(Request([1] * 8, max_len - 8))
+    eng.step()
 
     def timed(fn, *a):
         out = fn(*a)
@@ -112,16 +120,17 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
-    # the engine's real step (all slots active)
-    h = eng.host
-    args = [jnp.asarray(h[k]) for k in ("token", "position", "temperature", "top_k", "top_p", "repetition_penalty",
-                                         "do_sample", "seed", "counter")]
+    # the engine's real step (all slots active): attending over all max_len positions, then over the
+    # 128-position window the short rows need
     def step():
-        out = _decode_step(lm.params, eng.cache, eng.banned, eng.seen, *args, cfg=cfg)
-        eng.cache, eng.seen = out[4], out[5]
-        return out[0]
+        eng._decode()
+        return eng.cache
 
+    natural_window = eng.window
+    eng.window = lambda last: max_len
     contiguous = timed(step)
+    eng.window = natural_window
+    windowed = timed(step)
     # a paged cache: a pool of pages and a page table per slot; every layer's K and V gathered per step
     n_pages = slots * max_len // page
     K, D = cfg.num_key_value_heads, cfg.head_dim_
@@ -167,6 +176,7 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     with_copy, without = timed(copy_prefill), timed(plain_prefill)
     kv_bytes = 2 * cfg.num_hidden_layers * slots * max_len * K * D * 4
     return {"slots": slots, "max_len": max_len, "page": page, "decode_step_contiguous_s": contiguous,
+            "decode_step_window_128_s": windowed,
             "paged_gather_overhead_per_step_s": max(0.0, gather), "prefix_copy_1000_s": max(0.0, with_copy - without),
             "kv_cache_bytes": kv_bytes}
 
@@ -201,6 +211,16 @@ def bench_prefix(lm, max_len: int, reps: int = 3) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ load
+def warm_up(engine) -> None:
+    """Compile what the workload needs before anything is timed: the prefill buckets of prompts up to 128
+    tokens and the decode windows 128 and 256 (the long few-shot rows compile theirs in the workload's warm-up)."""
+    from spiritlm_jax.serve.engine import Request
+
+    for n in range(16, 129, 16):
+        engine.run_to_completion([Request([1] * n, 2)])
+    engine.run_to_completion([Request([1] * 120, 16)])  # crosses position 128: windows 128 and 256
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,7 +234,7 @@ def start_server(lm, slots: int, max_len: int):
     from spiritlm_jax.serve.engine import Engine, Request
 
     engine = Engine(lm.cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1)
-    engine.run_to_completion([Request([1] * 8, 2)])
+    warm_up(engine)
     service = Service(lm, engine, ServeOptions(model_name="bench", audio_chunk_frames=16))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
@@ -251,7 +271,8 @@ def workload(n: int, seed: int, max_tokens: int, shared_prefix: list[int]) -> li
 def send(base: str, item: dict) -> dict:
     """One streamed request; returns its measurements (never raises)."""
     t0 = time.perf_counter()
-    rec = {"id": item["id"], "kind": item["kind"], "ok": False, "tokens": 0, "ttft": None, "ttfa": None}
+    rec = {"id": item["id"], "kind": item["kind"], "ok": False, "tokens": 0, "ttft": None, "ttfa": None,
+           "last_audio": None, "audio_s": 0.0}
     try:
         if item["kind"] == "speech":
             body = {"model": "bench", "prompt": item["prompt"], "output_modality": "speech",
@@ -270,8 +291,11 @@ def send(base: str, item: dict) -> dict:
                 ev = json.loads(line[6:])
                 now = time.perf_counter() - t0
                 if item["kind"] == "speech":
-                    if ev["type"] == "audio" and rec["ttfa"] is None:
-                        rec["ttfa"] = now
+                    if ev["type"] == "audio":
+                        rec["ttfa"] = now if rec["ttfa"] is None else rec["ttfa"]
+                        rec["last_audio"] = now
+                        width = 2 if ev["audio_format"] == "pcm_s16le" else 4
+                        rec["audio_s"] += len(base64.b64decode(ev["audio"])) / width / ev["sample_rate"]
                     if ev["type"] == "done":
                         rec["tokens"] = ev["token_ids_count"]
                         rec["ok"] = ev["finish_reason"] in ("length", "stop")
@@ -290,7 +314,8 @@ def send(base: str, item: dict) -> dict:
 
 def run_clients(base: str, items: list[dict], clients: int, rate_per_client: float, seed: int,
                 time_limit: float) -> dict:
-    """``clients`` threads share the request list; each waits an exponential gap (Poisson arrivals)."""
+    """``clients`` threads share the request list; each waits an exponential gap (Poisson arrivals).
+    No request starts after ``time_limit`` (those are reported as not sent); started ones finish."""
     queue = list(items)
     lock = threading.Lock()
     results = []
@@ -323,8 +348,9 @@ def run_clients(base: str, items: list[dict], clients: int, rate_per_client: flo
 
     ttft = [r["ttft"] for r in results]
     ttfa = [r["ttfa"] for r in results]
-    return {"clients": clients, "requests": len(items), "finished": len(results),
-            "lost": len(items) - len(set(ids)), "duplicated": len(ids) - len(set(ids)),
+    sent = len(items) - len(queue)
+    return {"clients": clients, "requests": len(items), "sent": sent, "finished": len(results),
+            "lost": sent - len(set(ids)), "duplicated": len(ids) - len(set(ids)),
             "failed": sum(not r["ok"] for r in results), "wall_s": wall, "tokens": tokens,
             "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
             "ttfa_p50": pct(ttfa, 0.5), "ttfa_p99": pct(ttfa, 0.99),
@@ -347,6 +373,49 @@ def hf_sequential(hf, lm, items: list[dict], max_tokens: int) -> dict:
     return {"requests": len(items), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+def engine_sequential(lm, items: list[dict], max_tokens: int, max_len: int) -> dict:
+    """The same requests one at a time through a ONE-slot engine in process (no HTTP): the best a single
+    request stream gets from our engine (its decode step has batch 1)."""
+    from spiritlm_jax.serve.engine import Engine, Request
+
+    eng = Engine(lm.cfg, lm.params, slots=1, max_len=max_len, eos_id=-1)
+    reqs = [it.get("prompt_ids") or lm.tokenizer.encode(it["prompt"]) for it in items]
+    warm_up(eng)
+    for ids in reqs:  # every prefill bucket these prompts use; not timed
+        eng.run_to_completion([Request(ids, 2)])
+    t = time.perf_counter()
+    tokens = sum(len(eng.run_to_completion([Request(ids, max_tokens)])[0]) for ids in reqs)
+    wall = time.perf_counter() - t
+    return {"requests": len(reqs), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def bench_audio(base: str, tokens: int) -> dict:
+    """One speech-out request alone, streamed: time to first audio vs time to the last sample."""
+    rng = np.random.default_rng(3)
+    units = "".join(f"[Hu{u}]" for u in rng.integers(0, 500, size=40))
+    rec = send(base, {"kind": "speech", "id": -1, "prompt": "[Speech]" + units, "max_tokens": tokens})
+    ratio = rec["ttfa"] / rec["last_audio"] if rec["ttfa"] and rec["last_audio"] else None
+    return {"tokens": rec["tokens"], "audio_s": rec["audio_s"], "ttfa_s": rec["ttfa"], "last_sample_s": rec["last_audio"],
+            "ratio": ratio, "target": 0.25, "ok": rec["ok"], "error": rec.get("error")}
+
+
+class Budget:
+    """The whole run's time limit: a part that would not fit is skipped (and says so), never cut short."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def allows(self, name: str, need: float, results: dict) -> bool:
+        if self.left() >= need:
+            return True
+        results.setdefault("skipped", []).append(name)
+        print(f"{name}: skipped, {self.left():.0f} s of the budget left (needs ~{need:.0f} s)", flush=True)
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="layout,prefix,load")
@@ -354,72 +423,97 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=1152)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=32, help="requests per client count (at least the clients)")
+    ap.add_argument("--requests", type=int, default=8, help="requests per client count (at least the clients)")
+    ap.add_argument("--sequential-requests", type=int, default=8)
     ap.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate per client (requests/s)")
-    ap.add_argument("--time-limit", type=float, default=600.0, help="per client count, seconds")
+    ap.add_argument("--audio-tokens", type=int, default=160, help="new tokens of the time-to-first-audio request")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run; parts that do not fit "
+                                                                  "are skipped and listed")
     ap.add_argument("--hf-requests", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="clients 1,4; 8 requests; no HF run")
     ap.add_argument("--tiny", action="store_true", help="the demo model instead of 135 M (checks the script runs)")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     a = ap.parse_args(argv)
     if a.quick:
-        a.clients, a.requests, a.hf_requests = "1,4", 8, 0
+        a.clients, a.requests, a.hf_requests, a.sequential_requests = "1,4", 4, 0, 4
+    budget = Budget(a.budget)
 
     import jax
 
     jax.config.update("jax_default_matmul_precision", "float32")
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
-               "load_average_start": load_average()}
+               "load_average_start": load_average(), "budget_s": a.budget}
     print(f"machine: {results['machine']}; load average {results['load_average_start']}", flush=True)
     lm, hf, n_params = build_tiny() if a.tiny else build_model()
     print(f"model: {n_params / 1e6:.1f} M params, slots {a.slots} x {a.max_len} positions", flush=True)
     parts = set(a.parts.split(","))
-    if "layout" in parts:
-        r = results["layout"] = bench_layout(lm, a.slots, a.max_len)
-        print(f"layout: decode step (contiguous, {a.slots} slots x {a.max_len}) {r['decode_step_contiguous_s'] * 1e3:.1f} ms; "
+    if "layout" in parts and budget.allows("layout", 60, results):
+        r = results["layout"] = bench_layout(lm, a.slots, a.max_len, reps=3)
+        print(f"layout: decode step (contiguous, {a.slots} slots x {a.max_len}) {r['decode_step_contiguous_s'] * 1e3:.1f} ms, "
+              f"over a 128-position window {r['decode_step_window_128_s'] * 1e3:.1f} ms; "
               f"a paged cache's extra gather per step {r['paged_gather_overhead_per_step_s'] * 1e3:.1f} ms; copying a cached "
               f"1,000-token prefix into a slot {r['prefix_copy_1000_s'] * 1e3:.2f} ms once per request "
               f"(load {load_average()})", flush=True)
-    if "prefix" in parts:
+    if "prefix" in parts and budget.allows("prefix", 60, results):
         r = results["prefix"] = bench_prefix(lm, a.max_len)
         print(f"prefix: TTFT cold {r['ttft_cold_s'] * 1e3:.0f} ms, cached 1,000-token prefix {r['ttft_cached_s'] * 1e3:.0f} ms "
               f"-> {r['ratio']:.1%} of cold (target <= 20%) (load {load_average()})", flush=True)
-    if "load" in parts:
+    if "load" in parts and budget.allows("load", 120, results):
         base, server, thread, service = start_server(lm, a.slots, a.max_len)
         rng = np.random.default_rng(7)
         shared = [1] + rng.integers(3, 32000, size=PREFIX_TOKENS - 1).tolist()
-        # warm-up (not recorded): compiles the prefill buckets the workload uses and caches the shared prefix
+        # warm-up (not recorded): compiles the prefill buckets and decode windows the workload uses and caches
+        # the shared prefix
         run_clients(base, workload(16, seed=999, max_tokens=a.max_tokens, shared_prefix=shared), 4, 0.0, seed=999,
-                    time_limit=a.time_limit)
-        rows = []
+                    time_limit=max(1.0, budget.left() - 60))
+        load = results["load"] = {"rows": []}
+        if budget.allows("audio", 60, results):
+            r = load["audio"] = bench_audio(base, a.audio_tokens)
+            r["load_average"] = load_average()
+            print(f"audio: one speech request alone, {r['tokens']} tokens -> {r['audio_s']:.2f} s of audio; first audio "
+                  f"{r['ttfa_s']} s, last sample {r['last_sample_s']} s -> {r['ratio']} (target <= 25%) "
+                  f"(load {r['load_average']})", flush=True)
         for n in [int(x) for x in a.clients.split(",")]:
+            if not budget.allows(f"clients {n}", 30, results):
+                continue
             items = workload(max(n, a.requests), seed=n, max_tokens=a.max_tokens, shared_prefix=shared)
-            row = run_clients(base, items, n, a.rate, seed=n, time_limit=a.time_limit)
+            row = run_clients(base, items, n, a.rate, seed=n, time_limit=budget.left() - 30)
             row["load_average"] = load_average()
-            rows.append(row)
+            load["rows"].append(row)
             print(f"clients {n:2d}: {row['tokens_per_s']:.1f} tok/s, TTFT p50/p99 {row['ttft_p50']}/{row['ttft_p99']} s, "
-                  f"TTFA p50/p99 {row['ttfa_p50']}/{row['ttfa_p99']} s, lost {row['lost']} failed {row['failed']} "
-                  f"dup {row['duplicated']} (load {row['load_average']})", flush=True)
-        items = workload(a.requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
-        seq = run_clients(base, items, 1, 0.0, seed=0, time_limit=a.time_limit)
-        seq["load_average"] = load_average()
+                  f"TTFA p50/p99 {row['ttfa_p50']}/{row['ttfa_p99']} s, sent {row['sent']}/{row['requests']}, lost "
+                  f"{row['lost']} failed {row['failed']} dup {row['duplicated']} (load {row['load_average']})", flush=True)
+        seq_items = workload(a.sequential_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
+        if budget.allows("sequential (ours)", 30, results):
+            seq = load["sequential_ours"] = run_clients(base, seq_items, 1, 0.0, seed=0, time_limit=budget.left() - 20)
+            seq["load_average"] = load_average()
+            print(f"sequential (ours, {a.slots}-slot server, one request at a time): {seq['tokens_per_s']:.1f} tok/s, "
+                  f"sent {seq['sent']}/{seq['requests']} (load {seq['load_average']})", flush=True)
+            by_n = {r["clients"]: r for r in load["rows"]}
+            if 16 in by_n:
+                load["speedup_16_vs_sequential"] = by_n[16]["tokens_per_s"] / seq["tokens_per_s"]
+                print(f"16 clients / sequential: {load['speedup_16_vs_sequential']:.2f}x (target >= 4x)", flush=True)
         pe = service.engine.prefix
-        results["load"] = {"rows": rows, "sequential_ours": seq,
-                           "prefix_cache_hit_rate": pe.hit_tokens / max(1, pe.prompt_tokens)}
-        print(f"sequential (ours, one at a time): {seq['tokens_per_s']:.1f} tok/s; prefix-cache token hit rate "
-              f"{results['load']['prefix_cache_hit_rate']:.1%}", flush=True)
-        by_n = {r["clients"]: r for r in rows}
-        if 16 in by_n:
-            results["load"]["speedup_16_vs_sequential"] = by_n[16]["tokens_per_s"] / seq["tokens_per_s"]
-            print(f"16 clients / sequential: {results['load']['speedup_16_vs_sequential']:.2f}x (target >= 4x)")
+        load["prefix_cache_hit_rate"] = pe.hit_tokens / max(1, pe.prompt_tokens)
+        print(f"prefix-cache token hit rate {load['prefix_cache_hit_rate']:.1%}", flush=True)
         server.should_exit = True
         thread.join(timeout=60)
-        if a.hf_requests:
+        if budget.allows("sequential (one-slot engine)", 60, results):
+            e1 = load["sequential_one_slot_engine"] = engine_sequential(lm, seq_items, a.max_tokens, a.max_len)
+            e1["load_average"] = load_average()
+            by_n = {r["clients"]: r for r in load["rows"]}
+            if 16 in by_n:
+                load["speedup_16_vs_one_slot_engine"] = by_n[16]["tokens_per_s"] / e1["tokens_per_s"]
+            print(f"sequential (one-slot engine, in process): {e1['tokens_per_s']:.1f} tok/s; 16 clients / it: "
+                  f"{load.get('speedup_16_vs_one_slot_engine', float('nan')):.2f}x (load {e1['load_average']})", flush=True)
+        if a.hf_requests and budget.allows("sequential (HF)", 30, results):
             hf_items = workload(a.hf_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
-            results["load"]["sequential_hf"] = h = hf_sequential(hf, lm, hf_items, a.max_tokens)
+            load["sequential_hf"] = h = hf_sequential(hf, lm, hf_items, a.max_tokens)
             h["load_average"] = load_average()
             print(f"sequential (HF transformers generate): {h['tokens_per_s']:.1f} tok/s (load {h['load_average']})")
     results["load_average_end"] = load_average()
+    results["wall_s"] = a.budget - budget.left()
+    print(f"done in {results['wall_s']:.0f} s; skipped: {results.get('skipped', [])}", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
     return 0
