@@ -464,7 +464,7 @@ def main(argv=None) -> int:
         shared = [1] + rng.integers(3, 32000, size=PREFIX_TOKENS - 1).tolist()
         # warm-up (not recorded): compiles the prefill buckets and decode windows the workload uses and caches
         # the shared prefix
-        run_clients(base, workload(16, seed=999, max_tokens=a.max_tokens, shared_prefix=shared), 4, 0.0, seed=999,
+        run_clients(base, workload(16, seed=999, max_tokens=4, shared_prefix=shared), 16, 0.0, seed=999,
                     time_limit=max(1.0, budget.left() - 60))
         load = results["load"] = {"rows": []}
         if budget.allows("audio", 60, results):

@@ -387,11 +387,11 @@ def choose(greedy_scores: jax.Array, sample_scores: jax.Array, rng: jax.Array, p
            flags: ProcessorFlags) -> jax.Array:
     """Per row: argmax (greedy rows) or a categorical draw (sampling rows). (B,) int32.
 
-    rng: one key for the batch, or a (B,) array of keys, one per row (the server's per-slot streams: a
-    row's draw then does not depend on the other rows)."""
+    rng: one key for the batch, or a (B,) array of typed keys (``jax.random.key``), one per row (the
+    server's per-slot streams: a row's draw then does not depend on the other rows)."""
     tok = jnp.argmax(greedy_scores, axis=-1).astype(jnp.int32)
     if flags.sampling:
-        if rng.ndim == 1:
+        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:  # typed keys, one per row
             drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, sample_scores).astype(jnp.int32)
         else:
             drawn = jax.random.categorical(rng, sample_scores, axis=-1).astype(jnp.int32)
