@@ -9,7 +9,7 @@ fp32 tokens) and greedy agreement over --agree-steps new tokens at batch 1 (iden
 first step that differs). Random weights give flatter logits than a trained model, so agreement here
 is a lower bound of what a real checkpoint shows.
 
-Run: python bench/quant_bench.py [--reps 3] [--batches 1,16] [--no-torch]
+Run: python bench/quant_bench.py [--reps 3] [--batches 1,16] [--no-torch] [--accuracy-only]
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers fp32 baseline")
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="only the logit error and greedy agreement (load-independent: runs on a busy machine)")
     a = ap.parse_args()
 
     import flax.linen as nn
@@ -68,7 +70,7 @@ def main():
 
     rng = np.random.default_rng(0)
     rows = []
-    for B in [int(b) for b in a.batches.split(",")]:
+    for B in ([] if a.accuracy_only else [int(b) for b in a.batches.split(",")]):
         prompts = [rng.integers(3, cfg.vocab_size, a.prompt).tolist() for _ in range(B)]
         s = SamplingConfig(max_new_tokens=a.new)
         for name, (vcfg, vparams) in variants.items():
