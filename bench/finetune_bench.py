@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 
 
@@ -38,8 +40,9 @@ def main(argv=None) -> int:
             "checkpoint.every=100000", "checkpoint.resume=false", "optim.warmup_steps=0"]
     extra = {"full": [], "lora": ["lora.rank=16"], "qlora-nf4": ["lora.rank=16", "lora.quantize=nf4"]}
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    run_dir = tempfile.mkdtemp(prefix="finetune_bench-")  # fresh each run: an old step would clash
     for name in a.variants.split(","):
-        cfg = TrainConfig.load(None, size + extra[name] + [f"checkpoint.dir=/tmp/finetune_bench/{name}"])
+        cfg = TrainConfig.load(None, size + extra[name] + [f"checkpoint.dir={run_dir}/{name}"])
         trainer = Trainer(cfg, SyntheticIterator(a.batch, a.seq, 32768), mesh=mesh)
         hist = trainer.train()
         trainer.close()
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
                           "loadavg_1m": os.getloadavg()[0], "batch": a.batch, "seq": a.seq}), flush=True)
         del trainer
         time.sleep(0.1)
+    shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 
