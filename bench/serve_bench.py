@@ -101,7 +101,7 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     import jax
     import jax.numpy as jnp
 
-    from spiritlm_jax.serve.engine import Engine, Request, _extract, _prefill
+    from spiritlm_jax.serve.engine import Engine, Request, _copy_prefix, _extract, _prefill
 
     cfg = lm.cfg
     eng = Engine(cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1, prefix_cache_mb=0)
@@ -123,7 +123,7 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     # the engine's real step (all slots active): attending over all max_len positions, then over the
     # 128-position window the short rows need
     def step():
-        eng._decode()
+        eng._decode(list(range(slots)))
         return eng.cache
 
     natural_window = eng.window
@@ -162,15 +162,16 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     # one-off prefix copy: a 1,000-token entry written into a slot row (what the prefix cache costs)
     entry = _extract(eng.cache, jnp.int32(0), cfg=cfg, length=min(1024, max_len))
     tokens = jnp.zeros((1, 16), jnp.int32)
+    row, start, last = jnp.zeros(1, jnp.int32), jnp.full(1, PREFIX_TOKENS, jnp.int32), jnp.full(1, 15, jnp.int32)
+    window = eng.window(PREFIX_TOKENS + 15)
 
     def copy_prefill():
-        logits, eng.cache = _prefill(lm.params, eng.cache, jnp.int32(0), tokens, jnp.int32(PREFIX_TOKENS),
-                                     jnp.int32(15), entry, cfg=cfg)
+        eng.cache = _copy_prefix(eng.cache, jnp.int32(0), entry, cfg=cfg)
+        logits, eng.cache = _prefill(lm.params, eng.cache, row, tokens, start, last, cfg=cfg, window=window)
         return logits
 
     def plain_prefill():
-        logits, eng.cache = _prefill(lm.params, eng.cache, jnp.int32(0), tokens, jnp.int32(PREFIX_TOKENS),
-                                     jnp.int32(15), None, cfg=cfg)
+        logits, eng.cache = _prefill(lm.params, eng.cache, row, tokens, start, last, cfg=cfg, window=window)
         return logits
 
     with_copy, without = timed(copy_prefill), timed(plain_prefill)
@@ -374,7 +375,7 @@ def hf_sequential(hf, lm, items: list[dict], max_tokens: int) -> dict:
     return {"requests": len(items), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def engine_sequential(lm, items: list[dict], max_tokens: int, max_len: int) -> dict:
+def engine_sequential(lm, items: list[dict], max_tokens: int, max_len: int, shared_prefix: list[int]) -> dict:
     """The same requests one at a time through a ONE-slot engine in process (no HTTP): the best a single
     request stream gets from our engine (its decode step has batch 1)."""
     from spiritlm_jax.serve.engine import Engine, Request
@@ -382,12 +383,18 @@ def engine_sequential(lm, items: list[dict], max_tokens: int, max_len: int) -> d
     eng = Engine(lm.cfg, lm.params, slots=1, max_len=max_len, eos_id=-1)
     reqs = [it.get("prompt_ids") or lm.tokenizer.encode(it["prompt"]) for it in items]
     warm_up(eng)
-    for ids in reqs:  # every prefill bucket these prompts use; not timed
-        eng.run_to_completion([Request(ids, 2)])
+    rng = np.random.default_rng(5)
+    for ids in reqs:  # every shape these requests use, not timed; other tokens (only the shared few-shot
+        # prefix is cached, as in the server) except where the prefix is
+        head = ids[:PREFIX_TOKENS] if ids[:PREFIX_TOKENS] == shared_prefix else [1]
+        other = head + rng.integers(3, 32000, size=len(ids) - len(head)).tolist()
+        eng.run_to_completion([Request(other, max_tokens)])
+    eng.profile.reset()
     t = time.perf_counter()
     tokens = sum(len(eng.run_to_completion([Request(ids, max_tokens)])[0]) for ids in reqs)
     wall = time.perf_counter() - t
-    return {"requests": len(reqs), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    return {"requests": len(reqs), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "engine": eng.profile.summary()}
 
 
 def bench_audio(base: str, tokens: int) -> dict:
@@ -422,7 +429,9 @@ class Budget:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="layout,prefix,load")
+    ap.add_argument("--parts", default="layout,prefix,audio,load,sequential,hf,oneslot",
+                    help="layout, prefix, audio (one speech request alone), load (the client rows), sequential "
+                         "(one at a time through the server), hf, oneslot (one at a time through a one-slot engine)")
     ap.add_argument("--clients", default="1,4,16,32")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=1152)
@@ -463,33 +472,37 @@ def main(argv=None) -> int:
         r = results["prefix"] = bench_prefix(lm, a.max_len)
         print(f"prefix: TTFT cold {r['ttft_cold_s'] * 1e3:.0f} ms, cached 1,000-token prefix {r['ttft_cached_s'] * 1e3:.0f} ms "
               f"-> {r['ratio']:.1%} of cold (target <= 20%) (load {load_average()})", flush=True)
-    if "load" in parts and budget.allows("load", 120, results):
+    shared = [1] + np.random.default_rng(7).integers(3, 32000, size=PREFIX_TOKENS - 1).tolist()
+    seq_items = workload(a.sequential_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
+    load = results["load"] = {"rows": []}
+    if parts & {"audio", "load", "sequential"} and budget.allows("load", 120, results):
         base, server, thread, service = start_server(lm, a.slots, a.max_len)
-        rng = np.random.default_rng(7)
-        shared = [1] + rng.integers(3, 32000, size=PREFIX_TOKENS - 1).tolist()
-        # warm-up (not recorded): compiles the prefill buckets and decode windows the workload uses and caches
-        # the shared prefix
-        run_clients(base, workload(16, seed=999, max_tokens=4, shared_prefix=shared), 16, 0.0, seed=999,
-                    time_limit=max(1.0, budget.left() - 60))
-        load = results["load"] = {"rows": []}
-        if budget.allows("audio", 60, results):
+        # warm-up (not recorded): the workload's shape at 16 clients, twice, with other prompts: compiles the
+        # prefill and decode shapes (rows bucket x length x window) the rows use, and caches the shared prefix
+        for seed in (999, 998):
+            run_clients(base, workload(16, seed=seed, max_tokens=a.max_tokens, shared_prefix=shared), 16, a.rate,
+                        seed=seed, time_limit=max(1.0, budget.left() - 60))
+        print(f"warm-up done: {service.engine.profile.programs()} compiled programs (load {load_average()})", flush=True)
+        if "audio" in parts and budget.allows("audio", 60, results):
             r = load["audio"] = bench_audio(base, a.audio_tokens)
             r["load_average"] = load_average()
             print(f"audio: one speech request alone, {r['tokens']} tokens -> {r['audio_s']:.2f} s of audio; first audio "
                   f"{r['ttfa_s']} s, last sample {r['last_sample_s']} s -> {r['ratio']} (target <= 25%) "
                   f"(load {r['load_average']})", flush=True)
-        for n in [int(x) for x in a.clients.split(",")]:
+        for n in [int(x) for x in a.clients.split(",")] if "load" in parts else []:
             if not budget.allows(f"clients {n}", 30, results):
                 continue
             items = workload(max(n, a.requests), seed=n, max_tokens=a.max_tokens, shared_prefix=shared)
+            service.engine.profile.reset()
             row = run_clients(base, items, n, a.rate, seed=n, time_limit=budget.left() - 30)
             row["load_average"] = load_average()
+            row["engine"] = service.engine.profile.summary()
+            print(f"  engine: {row['engine']}", flush=True)
             load["rows"].append(row)
             print(f"clients {n:2d}: {row['tokens_per_s']:.1f} tok/s, TTFT p50/p99 {row['ttft_p50']}/{row['ttft_p99']} s, "
                   f"TTFA p50/p99 {row['ttfa_p50']}/{row['ttfa_p99']} s, sent {row['sent']}/{row['requests']}, lost "
                   f"{row['lost']} failed {row['failed']} dup {row['duplicated']} (load {row['load_average']})", flush=True)
-        seq_items = workload(a.sequential_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
-        if budget.allows("sequential (ours)", 30, results):
+        if "sequential" in parts and budget.allows("sequential (ours)", 30, results):
             seq = load["sequential_ours"] = run_clients(base, seq_items, 1, 0.0, seed=0, time_limit=budget.left() - 20)
             seq["load_average"] = load_average()
             print(f"sequential (ours, {a.slots}-slot server, one request at a time): {seq['tokens_per_s']:.1f} tok/s, "
@@ -503,19 +516,20 @@ def main(argv=None) -> int:
         print(f"prefix-cache token hit rate {load['prefix_cache_hit_rate']:.1%}", flush=True)
         server.should_exit = True
         thread.join(timeout=60)
-        if a.hf_requests and budget.allows("sequential (HF)", 30, results):
-            hf_items = workload(a.hf_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
-            load["sequential_hf"] = h = hf_sequential(hf, lm, hf_items, a.max_tokens)
-            h["load_average"] = load_average()
-            print(f"sequential (HF transformers generate): {h['tokens_per_s']:.1f} tok/s (load {h['load_average']})")
-        if budget.allows("sequential (one-slot engine)", 60, results):
-            e1 = load["sequential_one_slot_engine"] = engine_sequential(lm, seq_items, a.max_tokens, a.max_len)
-            e1["load_average"] = load_average()
-            by_n = {r["clients"]: r for r in load["rows"]}
-            if 16 in by_n:
-                load["speedup_16_vs_one_slot_engine"] = by_n[16]["tokens_per_s"] / e1["tokens_per_s"]
-            print(f"sequential (one-slot engine, in process): {e1['tokens_per_s']:.1f} tok/s; 16 clients / it: "
-                  f"{load.get('speedup_16_vs_one_slot_engine', float('nan')):.2f}x (load {e1['load_average']})", flush=True)
+    if "hf" in parts and a.hf_requests and budget.allows("sequential (HF)", 30, results):
+        hf_items = workload(a.hf_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
+        load["sequential_hf"] = h = hf_sequential(hf, lm, hf_items, a.max_tokens)
+        h["load_average"] = load_average()
+        print(f"sequential (HF transformers generate): {h['tokens_per_s']:.1f} tok/s (load {h['load_average']})")
+    if "oneslot" in parts and budget.allows("sequential (one-slot engine)", 60, results):
+        e1 = load["sequential_one_slot_engine"] = engine_sequential(lm, seq_items, a.max_tokens, a.max_len, shared)
+        e1["load_average"] = load_average()
+        by_n = {r["clients"]: r for r in load["rows"]}
+        if 16 in by_n:
+            load["speedup_16_vs_one_slot_engine"] = by_n[16]["tokens_per_s"] / e1["tokens_per_s"]
+        print(f"sequential (one-slot engine, in process): {e1['tokens_per_s']:.1f} tok/s; 16 clients / it: "
+              f"{load.get('speedup_16_vs_one_slot_engine', float('nan')):.2f}x (load {e1['load_average']})\n"
+              f"  engine: {e1['engine']}", flush=True)
     results["load_average_end"] = load_average()
     results["wall_s"] = a.budget - budget.left()
     print(f"done in {results['wall_s']:.0f} s; skipped: {results.get('skipped', [])}", flush=True)

@@ -1,11 +1,19 @@
 """The serving engine: a fixed number of decode slots, continuous batching, and a prefix cache.
 
 * **Slots.** The KV cache is the model's own cache (``models.llama.init_cache``) with batch = ``slots``
-  and one contiguous row of ``max_len`` positions per slot. A request is prefilled into a free row
-  (prompt padded to a bucket length, so one compiled prefill per bucket) while the other rows keep
-  their state; ONE compiled decode step then advances every slot, each at its own position, with its own
-  generation options, ban mask (output modality) and token history. A finished or cancelled slot is free
-  at the next scheduler iteration.
+  and one contiguous row of ``max_len`` positions per slot. Every compiled call gathers the rows it works
+  on (a power-of-two bucket of slot indices; padding rows index past the slots and are never written) over
+  the first ``window`` positions only, runs the model on that small cache and writes back what it wrote.
+  A finished or cancelled slot is free at the next scheduler iteration; the lowest free slot is used first.
+* **Batched, chunked prefill.** Each scheduler iteration prefills a chunk (≤ ``prefill_chunk`` tokens) of
+  every admitted prompt in as few calls as the budget allows: rows × padded length ≤ ``prefill_budget``,
+  one call per attention window in use (a short prompt never reads a long one's window). A long few-shot
+  prompt therefore stalls the decoding slots for one chunk at a time, not for its whole prefill.
+* **Decode grouped by window.** ONE compiled decode step advances a group of slots, each at its own position,
+  with its own generation options, ban mask (output modality) and token history. The decoding slots are split
+  into groups (sorted by position, the split minimising the bytes read: the weights once per call, the KV of
+  rows bucket × window per call), so a few long rows (a cached 1,000-token few-shot prefix) no longer make
+  every short row attend over 1,000+ positions, and a step with 3 live slots runs a batch of 4, not ``slots``.
 * **Sampling: the offline processors.** Logits go through ``infer/processors.py`` (HF's processors and
   warpers with per-row (B,) parameters: the same code as ``infer.engine.generate``), so every option of a
   :class:`SamplingConfig` (repetition penalty, no-repeat n-grams, bad words, min lengths, temperature, top-k,
@@ -31,14 +39,13 @@
   the choice rests on exactness and simplicity: a row is the model's own cache layout, read through the
   public ``apply``/``init_cache`` API. What paging would add is memory: rows reserve ``max_len`` positions
   per slot whatever the request needs.
-* **Attention window.** A decode step attends over the first ``window`` positions of every row only: the
-  smallest power of two (≥ ``MIN_WINDOW``) above the furthest live position, each window one compile. The
-  window is a static slice of the cache; the one position each row writes is copied back. Rows reserve
-  ``max_len`` positions, but a step costs what the longest live row needs: at 135 M parameters, 16 slots ×
-  1,152 positions, a step over all positions took 2,972 ms and over a 128-position window 656 ms (load 13.7,
-  ``bench/serve_bench.py --parts layout``): the attention read of the cache, not the weights, dominates.
-* **Scheduling.** First come, first served; before each decode step every free slot is filled from the
-  queue (prefill first: the lowest time to first token; the running slots wait for those prefills).
+* **Attention window.** A call attends over the first ``window`` positions of its rows only: the smallest
+  power of two (≥ ``MIN_WINDOW``) above its furthest position, each window one compile. At 135 M parameters,
+  16 slots × 1,152 positions, a step over all positions took 2,972 ms and over a 128-position window 656 ms
+  (load 13.7, ``bench/serve_bench.py --parts layout``): the attention read of the cache, not the weights,
+  dominates — hence the window, and the grouping above.
+* **Scheduling.** First come, first served: before each decode step every free slot is filled from the queue
+  and one budget of prefill runs (the lowest time to first token; the decoding slots wait one budget).
 
 The engine runs in one background thread (``start``); ``step`` is one scheduler iteration, so tests can
 drive it deterministically. Requests report through callbacks, called on the engine thread.
@@ -69,6 +76,8 @@ TOP_LOGPROBS = 5  # the most OpenAI's completions API returns per position
 SORT_WIDTH = 64  # top-k/top-p over this many candidates when every sampling slot has 1 ≤ top_k ≤ 64 (HF: 50)
 GREEDY = SamplingConfig()
 MIN_WINDOW = 128  # the smallest attention window of a decode step (positions)
+PREFILL_CHUNK = 256  # a prompt is prefilled at most this many tokens per scheduler iteration
+PREFILL_BUDGET = 1024  # padded tokens (rows bucket × length bucket) of one batched prefill call
 
 
 class ServeError(ValueError):
@@ -197,19 +206,70 @@ class PrefixCache:
 
 # ------------------------------------------------------------------------------------------ compiled steps
 # Module-level jits with the config static: every Engine of the same model and shapes shares the programs.
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1,))
-def _prefill(params, cache, slot, tokens, start, last, prefix, *, cfg: LlamaConfig):
-    """Prefill ``tokens`` (1, P) at positions start.. into row ``slot`` (after copying ``prefix`` KV in);
-    returns the logits at index ``last`` (1, V) and the cache."""
+def _row_start(c, bax: int, len_ax: int, row, position):
+    at = [jnp.int32(0)] * c.ndim
+    at[bax], at[len_ax] = row, position
+    return at
+
+
+def _gather_rows(cache, idx, window: int, cfg: LlamaConfig):
+    """Rows ``idx`` (R,) of the cache, positions [0, window): a batch-R cache the model runs on. One
+    contiguous slice per row (XLA:CPU's gather of whole rows measured several times slower); a padding
+    row (index ≥ slots) reads the last slot and is never written back."""
     bax, len_ax = _cache_axes(cfg)
-    row = jax.tree.map(lambda c: lax.dynamic_slice_in_dim(c, slot, 1, axis=bax), cache)
-    if prefix is not None:  # the cached prefix KV (batch 1, its own static length) goes in first
-        row = jax.tree.map(lambda r, p: lax.dynamic_update_slice_in_dim(r, p.astype(r.dtype), 0, axis=len_ax),
-                           row, prefix)
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, row = llama_module(cfg).apply({"params": params}, tokens, positions=positions, cache=row, logits_at=last[None])
-    cache = jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=bax), cache, row)
-    return logits[:, 0], cache
+
+    def leaf(c):
+        safe = jnp.minimum(idx, c.shape[bax] - 1)
+        sizes = list(c.shape)
+        sizes[bax], sizes[len_ax] = 1, window
+        rows = [lax.dynamic_slice(c, _row_start(c, bax, len_ax, safe[r], 0), sizes) for r in range(idx.shape[0])]
+        return jnp.concatenate(rows, axis=bax)
+
+    return jax.tree.map(leaf, cache)
+
+
+def _write_rows(cache, view, idx, start, length: int, cfg: LlamaConfig):
+    """Write back what a call wrote: positions [start[r], start[r] + length) of each gathered row r into slot
+    idx[r] (in place: one small update per row); a padding row writes back what its slot already holds."""
+    bax, len_ax = _cache_axes(cfg)
+
+    def leaf(c, v):
+        sizes = list(c.shape)
+        sizes[bax], sizes[len_ax] = 1, length
+        for r in range(idx.shape[0]):
+            row = jnp.minimum(idx[r], c.shape[bax] - 1)
+            new = lax.dynamic_slice(v, _row_start(v, bax, len_ax, jnp.int32(r), start[r]), sizes)
+            at = _row_start(c, bax, len_ax, row, start[r])
+            old = lax.dynamic_slice(c, at, sizes)
+            c = lax.dynamic_update_slice(c, jnp.where(idx[r] < c.shape[bax], new, old), at)
+        return c
+
+    return jax.tree.map(leaf, cache, view)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0,))
+def _copy_prefix(cache, slot, prefix, *, cfg: LlamaConfig):
+    """Copy a cached prefix's KV (batch 1, its own static length) into the first positions of row ``slot``."""
+    bax, len_ax = _cache_axes(cfg)
+    start = [0] * 5
+
+    def put(c, p):
+        at = list(start[:c.ndim])
+        at[bax] = slot
+        return lax.dynamic_update_slice(c, p.astype(c.dtype), tuple(at))
+
+    return jax.tree.map(put, cache, prefix)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window"), donate_argnums=(1,))
+def _prefill(params, cache, idx, tokens, start, last, *, cfg: LlamaConfig, window: int):
+    """Prefill ``tokens`` (R, P) of R requests at once: row r's tokens go to positions start[r].. of slot
+    idx[r] (R,). Attention reads positions [0, window) (every row's start + P ≤ window). Returns the logits
+    at index ``last[r]`` of each row (R, V) and the cache."""
+    view = _gather_rows(cache, idx, window, cfg)  # (R, window, …) per leaf
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # (R, P)
+    logits, view = llama_module(cfg).apply({"params": params}, tokens, positions=positions, cache=view, logits_at=last)
+    return logits[:, 0], _write_rows(cache, view, idx, start, tokens.shape[1], cfg)
 
 
 def _top_k(x, k):
@@ -257,39 +317,24 @@ def _first_token(logits, banned, seen, history, slot, banned_row, seen_row, hist
     return tok, lp, top_ids, top_lp, failed, put(banned, banned_row), put(seen, seen_row), put(history, history_row)
 
 
-def _window_view(cache, window: int, cfg: LlamaConfig):
-    """The first ``window`` positions of every row (static length): what a decode step attends over."""
-    _, len_ax = _cache_axes(cfg)
-    return jax.tree.map(lambda c: lax.slice_in_dim(c, 0, window, axis=len_ax), cache)
-
-
-def _write_back(cache, view, position, cfg: LlamaConfig):
-    """Copy each row's newly written position from the window ``view`` into the full cache."""
-    bax, len_ax = _cache_axes(cfg)
-    ax = len_ax - (bax < len_ax)  # the length axis once vmap has taken the batch axis away
-
-    def one_row(full, part, p):
-        return lax.dynamic_update_slice_in_dim(full, lax.dynamic_slice_in_dim(part, p, 1, axis=ax), p, axis=ax)
-
-    return jax.tree.map(lambda c, v: jax.vmap(one_row, in_axes=(bax, bax, 0), out_axes=bax)(c, v, position),
-                        cache, view)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "flags", "window"), donate_argnums=(1, 3, 4))
-def _decode_step(params, cache, banned, seen, history, token, position, counter, rows, seeds, *, cfg: LlamaConfig,
-                 flags: ProcessorFlags, window: int):
-    """ONE step for every slot: token (B,) at position (B,) → next token per slot (at position + 1).
+def _decode_step(params, cache, banned, seen, history, idx, token, position, counter, rows, seeds, *,
+                 cfg: LlamaConfig, flags: ProcessorFlags, window: int):
+    """ONE step for the slots ``idx`` (R,): token (R,) at position (R,) → next token per row (at position + 1).
 
-    Attention reads only the first ``window`` cache positions (every active row's position is below it), so
-    a step costs what the longest live row needs, not what ``max_len`` reserves."""
-    model = llama_module(cfg)
-    full = cache_length(cache)
-    view = cache if window >= full else _window_view(cache, window, cfg)
-    logits, view = model.apply({"params": params}, token[:, None], positions=position[:, None], cache=view)
-    cache = view if window >= full else _write_back(cache, view, position, cfg)
-    view = StepState(history=history, cur_len=position + 1, new_len=counter, seen=seen)
-    tok, lp, top_ids, top_lp, failed = _choose(logits[:, 0], banned, view, rows, seeds, counter, flags)
-    seen, history = _mark(seen, history, jnp.arange(tok.shape[0]), tok, position + 1)
+    R is a bucket of the live slots (padding rows: index ≥ slots, never written), and attention reads only
+    the first ``window`` positions of those rows (each position is below it), so a step costs what its rows
+    need, not what ``slots`` × ``max_len`` reserves."""
+    view = _gather_rows(cache, idx, window, cfg)
+    logits, view = llama_module(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=view)
+    cache = _write_rows(cache, view, idx, position, 1, cfg)
+    take = lambda x: jnp.take(x, idx, axis=0, mode="clip")  # noqa: E731  (R, …) rows of a per-slot array
+    seen_r, history_r = take(seen), take(history)
+    state = StepState(history=history_r, cur_len=position + 1, new_len=counter, seen=seen_r)
+    tok, lp, top_ids, top_lp, failed = _choose(logits[:, 0], take(banned), state, rows, seeds, counter, flags)
+    seen_r, history_r = _mark(seen_r, history_r, jnp.arange(tok.shape[0]), tok, position + 1)
+    seen = seen.at[idx].set(seen_r, mode="drop")
+    history = history.at[idx].set(history_r, mode="drop")
     return tok, lp, top_ids, top_lp, failed, cache, seen, history
 
 
@@ -302,10 +347,68 @@ def _extract(cache, slot, *, cfg: LlamaConfig, length: int):
 
 
 # ------------------------------------------------------------------------------------------ the engine
+class Profile:
+    """Where the engine's time goes (read by ``bench/serve_bench.py``): prefill vs decode wall time, the
+    decode steps by batch rows, live rows and window, and the compiled programs (a new one = a compile)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefill_calls = self.prefill_rows = self.prefill_padded = self.prefill_tokens = 0
+        self.prefill_s = self.decode_s = self.decode_dispatch_s = self.decode_sync_s = 0.0
+        self.decode_steps = self.live_rows = 0
+        self.steps_by_shape: collections.Counter = collections.Counter()  # ((rows bucket, live, window), …) → steps
+        self.prefill_shapes: collections.Counter = collections.Counter()  # (rows, padded tokens, window) → calls
+        self.programs0 = self.programs()
+
+    @staticmethod
+    def programs() -> int:
+        return sum(f._cache_size() for f in (_prefill, _copy_prefix, _first_token, _decode_step, _extract))
+
+    def prefill(self, seconds: float, rows: int, padded: int, tokens: int, window: int) -> None:
+        self.prefill_shapes[(rows, padded, window)] += 1
+        self.prefill_calls += 1
+        self.prefill_rows += rows
+        self.prefill_padded += padded
+        self.prefill_tokens += tokens
+        self.prefill_s += seconds
+
+    def decode(self, dispatch: float, sync: float, shapes: list[tuple[int, int, int]]) -> None:
+        """One scheduler decode step: its calls' (rows bucket, live rows, window)."""
+        self.decode_steps += 1
+        self.decode_dispatch_s += dispatch
+        self.decode_sync_s += sync
+        self.decode_s += dispatch + sync
+        self.live_rows += sum(n for _, n, _ in shapes)
+        self.steps_by_shape[tuple(shapes)] += 1
+
+    def summary(self) -> dict:
+        return {"prefill_calls": self.prefill_calls, "prefill_rows": self.prefill_rows,
+                "prefill_tokens": self.prefill_tokens, "prefill_padded_tokens": self.prefill_padded,
+                "prefill_s": round(self.prefill_s, 3), "decode_steps": self.decode_steps,
+                "decode_s": round(self.decode_s, 3), "decode_dispatch_s": round(self.decode_dispatch_s, 3),
+                "decode_sync_s": round(self.decode_sync_s, 3),
+                "mean_live_rows": round(self.live_rows / max(1, self.decode_steps), 2),
+                "decode_steps_by_calls": {" + ".join(f"{n}/{b}@{w}" for b, n, w in k): c
+                                          for k, c in sorted(self.steps_by_shape.items())},
+                "prefill_calls_by_rows_padded_window": {f"{r}r {p}t @{w}": c
+                                                        for (r, p, w), c in sorted(self.prefill_shapes.items())},
+                "new_programs": self.programs() - self.programs0}
+
+
 @dataclasses.dataclass
 class _Slot:
     request: Request | None = None
     generated: list[int] = dataclasses.field(default_factory=list)
+    filled: int | None = None  # prompt tokens already in the cache while prefilling; None once decoding
+    cached: int = 0  # of which came from the prefix cache
+    order: int = 0  # admission order (prefill is first come, first served)
+
+
+def _pow2(n: int) -> int:
+    """The batch-rows bucket of a compiled call: 1, 2, 4, 8, …"""
+    return 1 << (int(n) - 1).bit_length()
 
 
 class Engine:
@@ -313,7 +416,8 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params, *, slots: int = 8, max_len: int | None = None,
                  eos_id: int | None = None, pad_id: int = 0, mesh=None, prefix_block: int = 16,
-                 prefix_cache_mb: float = 256.0):
+                 prefix_cache_mb: float = 256.0, prefill_chunk: int = PREFILL_CHUNK,
+                 prefill_budget: int = PREFILL_BUDGET):
         if slots < 1:
             raise ServeError(f"slots must be ≥ 1, got {slots}")
         self.cfg, self.params, self.mesh = cfg, params, mesh
@@ -326,7 +430,15 @@ class Engine:
         self.pad_id = int(pad_id)
         self.vocab = cfg.vocab_size
         self.prefix = PrefixCache(prefix_block, int(prefix_cache_mb * 2 ** 20))
+        if prefill_chunk < 16 or prefill_budget < prefill_chunk:
+            raise ServeError(f"prefill_chunk must be ≥ 16 and prefill_budget ≥ prefill_chunk, got {prefill_chunk} "
+                             f"and {prefill_budget}")
+        self.prefill_chunk, self.prefill_budget = int(prefill_chunk), int(prefill_budget)
         self._build_state()
+        # the decode grouping's cost model (bytes a step reads): the weights once per call, the KV per row-position
+        self._weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        self._kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.cache)) // (self.slots * self.max_len)
+        self._admitted = 0
         self._queue: collections.deque[Request] = collections.deque()
         self._slots = [_Slot() for _ in range(self.slots)]
         self._lock = threading.Condition()
@@ -337,6 +449,7 @@ class Engine:
         self.tokens_total = 0
         self.prefill_tokens_total = 0
         self.finished = collections.Counter()
+        self.profile = Profile()
         self.observer = None  # gets first_token(req) and finished(req, reason) on the engine thread (metrics)
 
     # ---------------------------------------------------------------------------------- device state
@@ -363,7 +476,7 @@ class Engine:
         self.host = {"token": np.zeros(B, np.int32), "position": np.zeros(B, np.int32),
                      "counter": np.zeros(B, np.int32), "seed": np.zeros(B, np.uint32)}
         self.configs: list[SamplingConfig] = [GREEDY] * B  # a free slot is a neutral greedy row
-        self._rows = None  # the configs as processors.RowParams (device), rebuilt when a slot changes
+        self._rows: dict = {}  # slot index tuple → the configs as processors.RowParams (device); cleared on change
 
     # ---------------------------------------------------------------------------------- options per slot
     def _eos_default(self) -> list[int]:
@@ -482,47 +595,120 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- scheduling
     def step(self) -> None:
-        """One scheduler iteration: drop cancelled requests, fill free slots, one decode step."""
+        """One scheduler iteration: drop cancelled requests, admit queued ones into free slots, one batched
+        prefill call (a chunk of every admitted prompt that fits ``prefill_budget``), then one decode step of
+        every decoding slot (in groups by attention window, see ``_groups``)."""
         for s in self._slots:
             if s.request is not None and s.request.cancelled:
                 self._finish(s, "stop" if s.request.stop_requested else "cancelled")
+        self._admit()
+        if any(s.request is not None and s.filled is not None for s in self._slots):
+            self._prefill()
+        live = [i for i, s in enumerate(self._slots) if s.request is not None and s.filled is None]
+        if live:
+            self._decode(live)
+
+    def _admit(self) -> None:
+        """Fill free slots (lowest first) from the queue; a cached prefix is copied in at once."""
         while True:
             free = next((i for i, s in enumerate(self._slots) if s.request is None), None)
             with self._lock:
                 if free is None or not self._queue:
-                    break
+                    return
                 req = self._queue.popleft()
             if req.cancelled:
                 self._report_finish(req, "stop" if req.stop_requested else "cancelled")
                 continue
             try:
-                self._insert(free, req)
+                entry, start = self.prefix.lookup(req.prompt)
+                if entry is not None:
+                    self.cache = _copy_prefix(self.cache, jnp.int32(free), entry["tree"], cfg=self.cfg)
+                req.cached_tokens = start
+                self._admitted += 1
+                self._slots[free] = _Slot(req, filled=start, cached=start, order=self._admitted)
             except Exception as e:  # this request fails alone
                 self._slots[free] = _Slot()
-                self.configs[free], self._rows = GREEDY, None
                 self._report_finish(req, "error", e)
-        if self.active_slots:
-            self._decode()
 
-    def _insert(self, i: int, req: Request) -> None:
-        slot = self._slots[i] = _Slot(req)
-        ids = req.prompt
-        entry, start = self.prefix.lookup(ids)
-        rest = len(ids) - start
-        P = min(bucket_length(rest), self.max_len - start)
-        tokens = np.full((1, P), self.pad_id, np.int32)
-        tokens[0, :rest] = ids[start:]
-        prefix = entry["tree"] if entry is not None else None
-        logits, self.cache = _prefill(self.params, self.cache, jnp.int32(i), jnp.asarray(tokens), jnp.int32(start),
-                                       jnp.int32(rest - 1), prefix, cfg=self.cfg)
-        req.cached_tokens = start
-        self.prefill_tokens_total += rest
-        self.prefix.store(ids, start, lambda L: _extract(self.cache, jnp.int32(i), cfg=self.cfg, length=L),
+    def _prefill_batch(self, skip: set[int]) -> tuple[list[int], int]:
+        """The prefilling slots (not in ``skip``) of the next prefill call and its length P: first come first
+        served, a chunk of ≤ ``prefill_chunk`` tokens each, P a power of two ≥ 16 (few compiled shapes), while
+        rows bucket × P ≤ ``prefill_budget``, every row's start + P fits its slot and its attention window is
+        the first row's (a short prompt is not made to read a long row's window; it goes in the next call)."""
+        waiting = sorted((s.order, i) for i, s in enumerate(self._slots)
+                         if s.request is not None and s.filled is not None and i not in skip)
+        rows, P, window = [], 0, 0
+        for _, i in waiting:
+            s = self._slots[i]
+            piece = min(len(s.request.prompt) - s.filled, self.prefill_chunk)
+            p = max(P, 16, _pow2(piece))
+            if not rows:  # near the end of its slot a prompt is padded only to what the slot holds
+                p = min(p, self.max_len - s.filled)
+                window = self.window(s.filled + p - 1)
+            elif (_pow2(len(rows) + 1) * p > self.prefill_budget or piece > p
+                  or any(self._slots[j].filled + p > self.max_len for j in rows + [i])
+                  or any(self.window(self._slots[j].filled + p - 1) != window for j in rows + [i])):
+                continue
+            rows.append(i)
+            P = p
+        return rows, P
+
+    def _prefill(self) -> None:
+        """Prefill calls (one per attention window in use) until every prefilling slot had one chunk or
+        ``prefill_budget`` padded tokens were spent."""
+        done: set[int] = set()
+        spent = 0
+        while spent < self.prefill_budget:
+            rows, P = self._prefill_batch(done)
+            if not rows:
+                return
+            done.update(rows)
+            spent += _pow2(len(rows)) * P
+            self._prefill_call(rows, P)
+
+    def _prefill_call(self, rows: list[int], P: int) -> None:
+        R = _pow2(len(rows))
+        idx = np.full(R, self.slots, np.int32)  # padding rows: an index past the slots (never written)
+        tokens = np.full((R, P), self.pad_id, np.int32)
+        start, last = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        pieces = []
+        for r, i in enumerate(rows):
+            s = self._slots[i]
+            piece = min(len(s.request.prompt) - s.filled, self.prefill_chunk)
+            idx[r], start[r], last[r] = i, s.filled, piece - 1
+            tokens[r, :piece] = s.request.prompt[s.filled:s.filled + piece]
+            pieces.append(piece)
+        window = self.window(int(start.max()) + P - 1)
+        t0 = time.perf_counter()
+        try:
+            logits, self.cache = _prefill(self.params, self.cache, jnp.asarray(idx), jnp.asarray(tokens),
+                                           jnp.asarray(start), jnp.asarray(last), cfg=self.cfg, window=window)
+            jax.block_until_ready(logits)
+        except Exception as e:  # these requests fail; the others go on
+            for i in rows:
+                self._finish(self._slots[i], "error", e)
+            return
+        self.profile.prefill(time.perf_counter() - t0, len(rows), R * P, sum(pieces), window)
+        self.prefill_tokens_total += sum(pieces)
+        for r, (i, piece) in enumerate(zip(rows, pieces)):
+            s = self._slots[i]
+            s.filled += piece
+            if s.filled == len(s.request.prompt):
+                try:
+                    self._first(i, logits[r][None])
+                except Exception as e:  # this request fails alone
+                    self._finish(s, "error", e)
+
+    def _first(self, i: int, logits) -> None:
+        """Slot ``i``'s prompt is in the cache: keep its prefix, set its options and pick its first token."""
+        slot, h = self._slots[i], self.host
+        req, ids = slot.request, slot.request.prompt
+        slot.filled = None
+        self.prefix.store(ids, slot.cached, lambda L: _extract(self.cache, jnp.int32(i), cfg=self.cfg, length=L),
                           lambda n: min(bucket_length(n), self.max_len))
-        h = self.host
         config = dataclasses.replace(req.sampling, max_new_tokens=req.max_tokens, stop_strings=())
         self.configs[i] = config
-        self._rows = None
+        self._rows = {}
         h["seed"][i], h["counter"][i] = req.seed, 0
         banned = np.zeros(self.vocab, bool) if req.banned is None else np.asarray(req.banned, bool)
         banned = banned | processors.single_token_bans([config], self._eos_default(), self.vocab)[0]
@@ -539,25 +725,67 @@ class Engine:
             raise _failure(len(ids), 0)
         self._deliver(i, int(tok[0]), float(lp[0]), np.asarray(top_ids[0]), np.asarray(top_lp[0]))
 
-    def _decode(self) -> None:
+    def _step_cost(self, rows: int, last_position: int) -> int:
+        """Bytes one decode call reads: the weights, and (gathered, then attended) the KV of its window."""
+        return self._weight_bytes + 2 * _pow2(rows) * self.window(last_position) * self._kv_bytes
+
+    def _groups(self, live: list[int]) -> list[list[int]]:
+        """Split the decoding slots into calls, each with its own rows bucket and window: the split of the
+        slots sorted by position into runs that minimises the summed ``_step_cost`` (one call unless a few
+        long rows would make every short row attend over their window)."""
         h = self.host
-        if self._rows is None:
-            self._rows = self._row_params(self.configs)
-        active = [c for c, s in zip(self.configs, self._slots) if s.request is not None]
-        tok, lp, top_ids, top_lp, failed, self.cache, self.seen, self.history = _decode_step(
-            self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(h["token"]),
-            jnp.asarray(h["position"]), jnp.asarray(h["counter"]), self._rows, jnp.asarray(h["seed"]), cfg=self.cfg,
-            flags=self.flags(active), window=self.window(int(h["position"].max())))
+        live = sorted(live, key=lambda i: h["position"][i])
+        n = len(live)
+        best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j):
+                c = best[i] + self._step_cost(j - i, int(h["position"][live[j - 1]]))
+                if c < best[j]:
+                    best[j], cut[j] = c, i
+        groups, j = [], n
+        while j:
+            groups.append(live[cut[j]:j])
+            j = cut[j]
+        return groups[::-1]
+
+    def _row_params_for(self, idx: tuple[int, ...]):
+        if idx not in self._rows:
+            self._rows[idx] = self._row_params([self.configs[i] if i < self.slots else GREEDY for i in idx])
+        return self._rows[idx]
+
+    def _decode(self, live: list[int]) -> None:
+        h = self.host
+        t0 = time.perf_counter()
+        calls, shapes = [], []
+        for group in self._groups(live):
+            R = _pow2(len(group))
+            idx = np.asarray(group + [self.slots] * (R - len(group)), np.int32)
+            at = np.minimum(idx, self.slots - 1)
+            pad = idx >= self.slots
+            window = self.window(int(h["position"][group].max()))
+            out = _decode_step(
+                self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(idx),
+                jnp.asarray(np.where(pad, self.pad_id, h["token"][at])), jnp.asarray(np.where(pad, 0, h["position"][at])),
+                jnp.asarray(np.where(pad, 0, h["counter"][at])), self._row_params_for(tuple(idx.tolist())),
+                jnp.asarray(np.where(pad, 0, h["seed"][at]).astype(np.uint32)), cfg=self.cfg,
+                flags=self.flags([self.configs[i] for i in group]), window=window)
+            tok, lp, top_ids, top_lp, failed, self.cache, self.seen, self.history = out
+            calls.append((group, (tok, lp, top_ids, top_lp, failed)))
+            shapes.append((R, len(group), window))
         self.steps += 1
-        tok, lp, top_ids, top_lp, failed = map(np.asarray, (tok, lp, top_ids, top_lp, failed))
-        for i, s in enumerate(self._slots):
-            if s.request is None:
-                continue
-            h["position"][i] += 1
-            if failed[i]:
-                self._finish(s, "error", _failure(int(h["position"][i]), s.request.n_generated))
-            else:
-                self._deliver(i, int(tok[i]), float(lp[i]), top_ids[i], top_lp[i])
+        t1 = time.perf_counter()
+        results = [(group, [np.asarray(x) for x in outs]) for group, outs in calls]
+        self.profile.decode(t1 - t0, time.perf_counter() - t1, shapes)
+        for group, (tok, lp, top_ids, top_lp, failed) in results:
+            for r, i in enumerate(group):
+                s = self._slots[i]
+                if s.request is None:
+                    continue
+                h["position"][i] += 1
+                if failed[r]:
+                    self._finish(s, "error", _failure(int(h["position"][i]), s.request.n_generated))
+                else:
+                    self._deliver(i, int(tok[r]), float(lp[r]), top_ids[r], top_lp[r])
 
     def _deliver(self, i: int, token: int, logprob: float, top_ids, top_lp) -> None:
         slot, h = self._slots[i], self.host
@@ -593,7 +821,7 @@ class Engine:
         h["token"][i] = self.pad_id
         h["position"][i] = 0
         self.configs[i] = GREEDY
-        self._rows = None
+        self._rows = {}
         self._report_finish(req, reason, error)
 
     def _report_finish(self, req: Request, reason: str, error: Exception | None = None) -> None:

@@ -57,7 +57,13 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
         {"bad_words_ids": [[plain[3][4]], plain[3][7:9]]}, {}, {"min_new_tokens": n_new, "repetition_penalty": 0.7})]
     expected = generate(lm.cfg, lm.params, greedy_prompts, configs, eos_id=2)[0]
     assert all(expected[i] != plain[i] for i in (0, 2, 3))  # the options are not no-ops here
-    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefix_block=8)
+    # small prefill chunks and budget: prompts are prefilled in several chunks, several rows per call, and a
+    # row that does not fit a call waits for the next one
+    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefix_block=8, prefill_chunk=16,
+                    prefill_budget=32)
+    # weights that cost nothing in the grouping's cost model: every decode step splits its rows by window (at
+    # the tiny model's real sizes one call is cheaper, as it is for the 135 M model without long rows)
+    engine._weight_bytes = 0
     greedy = [Request(p, n_new, c) for p, c in zip(greedy_prompts, configs)]
     noise = [Request([1] + rng.integers(3, V, size=9).tolist(), int(rng.integers(5, 30)),
                      SamplingConfig(do_sample=True, temperature=1.3, top_p=0.8, repetition_penalty=1.2), seed=i)
@@ -75,6 +81,12 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
     assert failing.finish_reason == "error" and failing.n_generated == 3
     assert engine.prefix.hits >= 1 and engine.prefix.hit_tokens >= 16  # the shared prefix was reused
     assert engine.active_slots == 0 and engine.queue_depth == 0
+    # the batched paths ran: prefill calls of two rows, decode steps split into calls by window, calls
+    # of fewer rows than slots
+    prof = engine.profile
+    assert any(rows == 2 for rows, _, _ in prof.prefill_shapes), prof.summary()
+    assert any(len(calls) >= 2 for calls in prof.steps_by_shape), prof.summary()
+    assert any(rows < SLOTS for calls in prof.steps_by_shape for rows, _, _ in calls), prof.summary()
 
 
 def test_sampling_stream_is_per_slot(lm):
