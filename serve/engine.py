@@ -631,14 +631,19 @@ class Engine:
                 self._report_finish(req, "error", e)
 
     def _prefill_batch(self, skip: set[int]) -> tuple[list[int], int]:
-        """The prefilling slots (not in ``skip``) of the next prefill call and its length P: first come first
-        served, a chunk of ≤ ``prefill_chunk`` tokens each, P a power of two ≥ 16 (few compiled shapes), while
+        """The prefilling slots (not in ``skip``) of the next prefill call and its length P: longest chunk first
+        (≤ ``prefill_chunk`` tokens each), P a power of two ≥ 16 (few compiled shapes), while
         rows bucket × P ≤ ``prefill_budget``, every row's start + P fits its slot and its attention window is
         the first row's (a short prompt is not made to read a long row's window; it goes in the next call)."""
-        waiting = sorted((s.order, i) for i, s in enumerate(self._slots)
-                         if s.request is not None and s.filled is not None and i not in skip)
+        def key(i):  # longest chunk first, then first come: calls of similar lengths pad least (no row starves:
+            # the rows ahead of it hold slots and leave prefill after their last chunk)
+            s = self._slots[i]
+            return -_pow2(min(len(s.request.prompt) - s.filled, self.prefill_chunk)), s.order
+
+        waiting = sorted((i for i, s in enumerate(self._slots)
+                          if s.request is not None and s.filled is not None and i not in skip), key=key)
         rows, P, window = [], 0, 0
-        for _, i in waiting:
+        for i in waiting:
             s = self._slots[i]
             piece = min(len(s.request.prompt) - s.filled, self.prefill_chunk)
             p = max(P, 16, _pow2(piece))
