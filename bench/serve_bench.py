@@ -9,14 +9,17 @@ Parts (all by default; each bounded in requests and time, stopping by itself):
           through a page table (jnp.take, what a paged layout without a custom kernel costs on CPU), and
           the one-off cost of copying a cached 1,000-token prefix into a slot row.
   prefix  time to first token of a request whose 1,000-token prefix is cached vs cold (target ≤ 20%).
+  audio   one speech-out request alone, streamed: time to first audio vs time to its last sample (target
+          <= 25% for a >= 5 s output).
   load    an in-process server on 127.0.0.1; N concurrent clients (N = 1, 4, 16, 32) with Poisson arrivals
           sending a mix: text completions (streamed), few-shot completions sharing a 1,000-token prefix, and
           speech-out native requests (streamed audio). Reports tokens/s, p50/p99 TTFT and TTFA, prefix-cache
-          hit rate, lost/failed/duplicated requests; then the same request list one at a time through our
-          server (sequential) and through HF transformers' generate (what a user of the original has).
-  audio   (inside load, before the client rows) one speech-out request alone, streamed: time to first audio
-          vs time to its last sample (target <= 25% for a >= 5 s output).
-  and, after the rows: the sequential requests through a ONE-slot engine in process (batch-1 decode steps).
+          hit rate, lost/failed/duplicated requests, and the engine's profile of the row (prefill vs decode
+          time, calls by rows x window, compiles during the row).
+  sequential  the same request list one at a time through our server.
+  hf      the same requests one at a time through HF transformers' generate (what a user of the original has).
+  oneslot the same requests one at a time through a ONE-slot engine in process (batch-1 decode steps; only
+          the shared few-shot prefix is cached, as in the server).
 Targets: no request lost, failed or duplicated; 16 clients >= 4x the sequential tokens/s.
 
 Run (one command; stops by itself within --budget, 480 s by default; a part that would not fit is skipped and
