@@ -23,7 +23,8 @@ slots and positions for the cached path (prefill, decode).
 * ``auto``: ``splash`` on TPU, ``cudnn`` on GPU, ``xla`` elsewhere.
 
 Decode steps (one query per row) always use ``xla``: a (B, KV, G, 1, S) score tensor is small, and
-no fused kernel beats a matrix-vector product there.
+no fused kernel beats a matrix-vector product there. The KV cache is heads-major, (B, KV, S, D)
+(:func:`attend_cached`): the two decode dots batch over its leading axes and read it in place.
 """
 from __future__ import annotations
 
@@ -66,6 +67,28 @@ def attend(q: Array, k: Array, v: Array, where: dict, cfg, *, full_sequence: boo
             return splash_attention(q, k, v, where["q_seg"], cfg.attention_block)
         return chunked_attention(q, k, v, where, cfg.attention_block)
     raise ValueError(f"unknown attention backend {backend!r}; use one of {list(BACKENDS)}")
+
+
+def attend_cached(q: Array, k_cache: Array, v_cache: Array, where: dict, cfg) -> Array:
+    """The cached path (prefill, decode): q (B, T, H, D) against a heads-major cache k, v (B, KV, S, D) →
+    (B, T, H, D). Decode steps and ``xla`` read the cache in place; the blockwise backends take the
+    slots-major layout (one transpose of the cache per call, paid by prefill only)."""
+    backend = resolve_backend(cfg.attention)
+    if q.shape[1] == 1 or backend == "xla":
+        return xla_attention_cached(q, k_cache, v_cache, where)
+    k, v = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)  # (B, S, KV, D)
+    return attend(q, k, v, where, cfg, full_sequence=False)
+
+
+def xla_attention_cached(q: Array, k: Array, v: Array, where: dict) -> Array:
+    """:func:`xla_attention` on a heads-major cache k, v (B, KV, S, D): both dots batch over (B, KV), the
+    cache's leading axes, so XLA reads it where it lies."""
+    B, T, H, D = q.shape
+    qg = _group(q, k.shape[1])  # (B, T, KV, G, D)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * (D ** -0.5)  # (B, KV, G, T, S)
+    scores = jnp.where(allowed(where)[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(B, T, H, D)
 
 
 def _group(q: Array, kv_heads: int) -> Array:
