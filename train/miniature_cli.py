@@ -1,8 +1,8 @@
 """A miniature Spirit LM trained end to end on speech synthesized from text, and the paper's
 interleaving ablation measured by the eval harness (train/miniature.py; docs/miniature.md).
 
-  spiritlm-jax miniature --out runs/miniature            # the full run (~1 h on 2 shared CPU cores)
-  spiritlm-jax miniature --out /tmp/mini --quick          # every stage on a tiny corpus (~2 min)
+  spiritlm-jax miniature --out runs/miniature            # the full run (65 min on 2 shared CPU cores at load 6-11)
+  spiritlm-jax miniature --out /tmp/mini --quick          # every stage on a tiny corpus (2.5 min)
   spiritlm-jax miniature --out runs/units --unit-study conv,hubert:1,hubert:11,log_mel   # which features carry words
 
 Stages: a seeded grammar of 9-word sentences → eSpeak NG speech with engine word timings (several
@@ -23,7 +23,7 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; stages are rewritten)")
-    p.add_argument("--quick", action="store_true", help="tiny corpus and models: every stage in about 2 minutes")
+    p.add_argument("--quick", action="store_true", help="tiny corpus, one model: every stage in about 2.5 minutes")
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every model")
     p.add_argument("--seed", type=int, default=None, help="override the seed (grammar split, voices, k-means, LMs)")
     p.add_argument("--units", type=int, default=None, help="override the number of k-means units")
