@@ -295,3 +295,34 @@ def test_disk_full_during_the_write_after_the_space_check_passed(tmp_path):
     msg, err = _train_on_a_small_disk(tmp_path, preflight=False)
     assert "checkpoint step 4 could not be saved" in msg and "Training stopped" in msg
     assert "step 7:" not in err  # stopped no later than the next save
+
+
+def test_only_a_failed_saves_writes_into_the_closed_loop_are_silenced(monkeypatch):
+    """The unraisable-hook filter behind the disk-full test: a tensorstore callback's 'Event loop is closed'
+    (raised in loop.call_soon_threadsafe after a failed save ended orbax's loop) is dropped; every other
+    unraisable exception still reaches the previous hook."""
+    import asyncio
+    import sys
+
+    from spiritlm_jax.train import checkpointing
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpointing._drop_leftover_writes_into_a_closed_loop()
+    checkpointing._drop_leftover_writes_into_a_closed_loop()  # installed once, not stacked
+
+    def unraisable(call):
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - captured to hand to the hook, as CPython does
+            return type("U", (), {"exc_type": type(e), "exc_value": e, "exc_traceback": e.__traceback__,
+                                  "err_msg": None, "object": None})()
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    closed = unraisable(lambda: loop.call_soon_threadsafe(print))
+    other = unraisable(lambda: 1 / 0)
+    sys.unraisablehook(closed)
+    assert seen == []
+    sys.unraisablehook(other)
+    assert seen == [other]
