@@ -109,9 +109,10 @@ class Attention(nn.Module):
             cache = {"k": upd(cache["k"], new_k, start), "v": upd(cache["v"], new_v, start)}
             out = attend_cached(q, cache["k"].astype(dt), cache["v"].astype(dt), where, cfg)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
-        # 'bthd,hde->bte' as an explicit dot_general: jnp.einsum hands XLA the contraction as (d, h), and XLA:CPU
-        # then transposes the whole (H, D, E) weight on every call to match; contracting (h, d) reads it as is.
-        return lax.dot_general(out, wo, (((2, 3), (0, 1)), ((), ()))), cache  # (B, T, E)
+        # An einsum, not a bare dot_general: qwix's LoRA and quantization rules match this contraction by its
+        # einsum string (a dot_general here gave LoRA adapters that do not factor the (H, D, E) weight). XLA:CPU
+        # transposes the (H, D, E) weight per call for it (12.5 % of a batch-16 decode step's op time).
+        return jnp.einsum("bthd,hde->bte", out, wo), cache  # (B, T, E)
 
 
 class MLP(nn.Module):
