@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices, quick-to-compile programs, true-fp32 matmuls, one compilation cache per run, the golden set.
+"""Test setup: 8 simulated CPU devices, true-fp32 matmuls, one compilation cache per run, the golden set.
 
 XLA_FLAGS and the cache settings must be set before jax is imported anywhere, so they are set here at
 import time; the `spiritlm-jax` subprocesses that tests start inherit them through the environment.
@@ -11,14 +11,6 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-# The suite compiles thousands of small programs and runs each for milliseconds, so LLVM's optimisation
-# passes cost more than they save: at level 0, test_spiritlm + test_llama took 108-116 s of CPU instead of
-# 126-129 s, and test_fcpe + test_hifigan (full-size FCPE, golden HifiGAN) 127 s instead of 171 s (same
-# load, 2026-12-02). The level changes how the code is scheduled, not what it computes (no fast-math is
-# enabled at any level): every golden tolerance holds unchanged. bench/ never runs under this file; the step
-# times test_multihost prints for information are times of level-0 code.
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # One persistent XLA compilation cache for the whole run, shared by the pytest-xdist workers (they inherit
