@@ -326,3 +326,19 @@ def test_only_a_failed_saves_writes_into_the_closed_loop_are_silenced(monkeypatc
     assert seen == []
     sys.unraisablehook(other)
     assert seen == [other]
+
+
+def test_asyncio_report_of_a_never_retrieved_disk_full_write_is_dropped_and_nothing_else():
+    import errno
+    import logging
+
+    from spiritlm_jax.train.checkpointing import _unretrieved_disk_full_write
+
+    def record(msg, exc):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, (type(exc), exc, None))
+
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "k/0.0" ... No space left on device')
+    assert not _unretrieved_disk_full_write(record("Task exception was never retrieved\nfuture: <Task>", full))
+    assert not _unretrieved_disk_full_write(record("Task exception was never retrieved", OSError(errno.ENOSPC, "x")))
+    assert _unretrieved_disk_full_write(record("Task exception was never retrieved", ValueError("other")))
+    assert _unretrieved_disk_full_write(record("Unclosed event loop", full))

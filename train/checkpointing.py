@@ -442,6 +442,16 @@ def _drop_leftover_writes_into_a_closed_loop() -> None:
 
     hook._spiritlm_closed_loop_filter = True
     sys.unraisablehook = hook
+    # The same writes, once their task is garbage-collected, reach asyncio's "Task exception was never
+    # retrieved" log with the disk-full error itself: that record goes too (only when it is a disk-full error).
+    logging.getLogger("asyncio").addFilter(_unretrieved_disk_full_write)
+
+
+def _unretrieved_disk_full_write(record: logging.LogRecord) -> bool:
+    """A logging filter: False (drop) for asyncio's report of a never-retrieved disk-full write."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and str(record.msg).startswith("Task exception was never retrieved")
+                and _is_disk_full(exc))
 
 
 def _is_disk_full(e: BaseException) -> bool:
