@@ -289,12 +289,16 @@ def _layer_norm(x: Array, scale: Array | None, bias: Array | None, eps: float) -
 
 def _masked_time_norm(x: Array, mask: Array, eps: float) -> Array:
     """Normalise each channel over the valid time steps of its row: x (B, T, C), mask (B, T).
-    Biased variance, float32 (fairseq Fp32GroupNorm / torch GroupNorm with one group per channel)."""
+    Biased variance, float32 (fairseq Fp32GroupNorm / torch GroupNorm with one group per channel).
+
+    The padding is excluded with ``where``, not by multiplying with a float mask: XLA:CPU reduces
+    ``x * mask[..., None]`` over time ~9x slower (340 vs 36 ms on HuBERT's first (1, 31999, 512)
+    activation, one third of the whole unbatched tokenizer), for the same sums."""
     x32 = x.astype(jnp.float32)
-    m = mask[..., None].astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
-    mean = jnp.sum(x32 * m, axis=1, keepdims=True) / n
-    d = (x32 - mean) * m
+    m = mask[..., None]
+    n = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.float32), 1.0)[:, None, None]
+    mean = jnp.sum(jnp.where(m, x32, 0.0), axis=1, keepdims=True) / n
+    d = jnp.where(m, x32 - mean, 0.0)
     var = jnp.sum(d * d, axis=1, keepdims=True) / n
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
