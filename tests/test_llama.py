@@ -179,3 +179,54 @@ def test_config_reads_hf_and_rejects_unsupported(tmp_path):
     c5 = LlamaConfig.from_hf({**{k: v for k, v in base.items() if k != "rope_theta"},
                               "rope_parameters": {"rope_type": "default", "rope_theta": 5e4}})
     assert c5.rope_theta == 5e4
+
+
+# The o projection reads its (heads, head_dim, embed) weight in place (models/llama.py, Attention): heads 4,
+# head_dim 6, embed 24 make the weight's shape distinct from every activation's.
+O_CFG = dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def _o_contractions(jaxpr, o_shape) -> list:
+    """(lhs, rhs) contracting dims of every dot_general whose rhs is an o weight, sub-jaxprs included."""
+    found = []
+
+    def walk(jp):
+        jp = getattr(jp, "jaxpr", jp)
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "dot_general" and tuple(eqn.invars[1].aval.shape) == o_shape:
+                found.append(tuple(map(tuple, eqn.params["dimension_numbers"][0])))
+            for v in eqn.params.values():
+                for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub)
+
+    walk(jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_o_projection_reads_its_weight_without_a_copy(scan):
+    """A decode step contracts the o weight over (heads, head_dim) in its stored order, and the compiled
+    step has no transpose/copy of it: 'bthd,hde' made jnp.einsum contract (head_dim, heads) (it sorts the
+    contracted letters), which XLA:CPU served by transposing the whole weight on every call."""
+    import re
+
+    cfg = LlamaConfig(**O_CFG, scan_layers=scan)
+    H, D, E = cfg.num_attention_heads, cfg.head_dim_, cfg.hidden_size
+    assert len({H, D, E}) == 3
+    params = Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    B = 2
+
+    def step(params, tok, pos, cache):
+        return Llama(cfg).apply(params, tok, positions=pos, cache=cache)
+
+    args = (params, jnp.zeros((B, 1), jnp.int32), jnp.full((B, 1), 3, jnp.int32), init_cache(cfg, B, 8))
+    found = _o_contractions(jax.make_jaxpr(step)(*args), (H, D, E))
+    assert len(found) == (1 if scan else cfg.num_hidden_layers), found
+    assert all(rhs == (0, 1) for _, rhs in found), f"o weight contracted out of its stored order: {found}"
+    hlo = jax.jit(step).lower(*args).compile().as_text()
+    moved = [line.strip() for line in hlo.splitlines()
+             if (m := re.search(r"= f32\[([\d,]+)\]\S* (?:transpose|copy)\(", line))
+             and sorted(map(int, m.group(1).split(","))) == sorted((H, D, E))]
+    assert not moved, f"the compiled decode step moves the o weight: {moved[:3]}"

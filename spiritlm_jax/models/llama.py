@@ -109,10 +109,14 @@ class Attention(nn.Module):
             cache = {"k": upd(cache["k"], new_k, start), "v": upd(cache["v"], new_v, start)}
             out = attend_cached(q, cache["k"].astype(dt), cache["v"].astype(dt), where, cfg)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
-        # An einsum, not a bare dot_general: qwix's LoRA and quantization rules match this contraction by its
-        # einsum string (a dot_general here gave LoRA adapters that do not factor the (H, D, E) weight). XLA:CPU
-        # transposes the (H, D, E) weight per call for it (12.5 % of a batch-16 decode step's op time).
-        return jnp.einsum("bthd,hde->bte", out, wo), cache  # (B, T, E)
+        # An einsum, not a bare dot_general: qwix's LoRA and quantization rules intercept einsums and read the
+        # weight's roles from the subscripts (a dot_general here gave LoRA adapters that do not factor the
+        # (H, D, E) weight). The head_dim letter is "k", not "d", on purpose: jnp.einsum orders the contracted
+        # axes ALPHABETICALLY, and "bthd,hde" contracts as (d, h), which XLA:CPU serves by transposing the whole
+        # (H, D, E) weight to (D, H, E) on every call (12.5 % of a batch-16 decode step's op time); "bthk,hke"
+        # contracts as (h, k) = the weight's own row-major order, so the dot reads it in place. Same math, same
+        # params, same adapters (tests/test_llama.py checks the compiled step has no copy of the weight).
+        return jnp.einsum("bthk,hke->bte", out, wo), cache  # (B, T, E)
 
 
 class MLP(nn.Module):
