@@ -156,3 +156,68 @@ def test_slots_sharded_over_a_mesh_give_the_same_greedy_output(lm):
     prompts = [[1, 7, 8, 9], [1, 20, 21], [1, 30, 31, 32, 33, 34]]
     got = engine.run_to_completion([Request(p, 12) for p in prompts])
     assert got == generate(lm.cfg, lm.params, prompts, SamplingConfig(max_new_tokens=12), eos_id=2)[0]
+
+
+def _cache_leaf_copies(compiled_text: str, leaf_shape: tuple[int, ...]) -> int:
+    """How many ``copy`` instructions of a whole cache leaf a compiled program holds."""
+    want = "f32[" + ",".join(map(str, leaf_shape)) + "]"
+    return sum(1 for line in compiled_text.splitlines() if " copy(" in line and want in line.split(" copy(")[0])
+
+
+def test_decode_and_prefill_update_the_cache_in_place(lm):
+    """A one-row call in a many-slot engine touches its row only: the compiled decode step and prefill hold
+    no copy of a whole (slots, KV, max_len, D) cache leaf (there were 2 per layer, 1.36 GB per step at 135 M,
+    until the write-back was made to depend on the logits; see serve/engine.py ``_write_rows``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from spiritlm_jax.serve import engine as engine_module
+
+    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2)
+    leaf_shape = jax.tree.leaves(engine.cache)[0].shape
+    assert leaf_shape[0] == SLOTS and MAX_LEN in leaf_shape
+    one = jnp.zeros((1,), jnp.int32)
+    flags = engine.flags([engine_module.GREEDY])
+    decode = engine_module._decode_step.lower(
+        lm.params, engine.cache, engine.banned, engine.seen, engine.history, one, one, one + 3, one,
+        engine._row_params_for((0,)), jnp.zeros((1,), jnp.uint32), cfg=lm.cfg, flags=flags, window=128).compile()
+    prefill = engine_module._prefill.lower(lm.params, engine.cache, one, jnp.zeros((1, 16), jnp.int32), one, one + 15,
+                                           cfg=lm.cfg, window=128).compile()
+    assert _cache_leaf_copies(decode.as_text(), leaf_shape) == 0
+    assert _cache_leaf_copies(prefill.as_text(), leaf_shape) == 0
+    # the detector sees the copy where XLA makes one: a donated leaf updated in place while a read of it
+    # that the update does not depend on is still pending (the pattern the engine had)
+    leaf = jax.tree.leaves(engine.cache)[0]
+    racing = jax.jit(lambda c: (c.at[0, :, 3].set(1.0), c[0:1] * 2), donate_argnums=0).lower(leaf).compile()
+    assert _cache_leaf_copies(racing.as_text(), leaf_shape) >= 1
+
+
+def test_a_request_with_non_finite_logits_fails_alone_and_writes_no_kv(lm):
+    """Weights that turn one token's logits NaN: the request holding it ends with an error (in prefill, even
+    in a chunk before its last), its neighbours' greedy output is unchanged, and a later request in the
+    same slot is exact (no NaN KV was written there)."""
+    import jax
+
+    NAN_TOKEN = 5
+    params = jax.tree.map(lambda x: x, lm.params)
+    params["embed"]["embedding"] = params["embed"]["embedding"].at[NAN_TOKEN].set(float("nan"))
+    engine = Engine(lm.cfg, params, slots=2, max_len=MAX_LEN, eos_id=2, prefill_chunk=16, prefill_budget=64)
+    finished = {}
+
+    def request(prompt, n):
+        r = Request(prompt, n)
+        r.on_finish = lambda reason, error, r=r: finished.__setitem__(id(r), (reason, error))
+        return r
+
+    bad_short = request([1, 7, NAN_TOKEN, 8], 6)
+    bad_chunked = request([1, NAN_TOKEN] + list(range(10, 40)), 6)  # 32 tokens: the NaN is in the first chunk
+    good = request([1, 20, 21, 22], 8)
+    later = request([1, 30, 31], 8)
+    got = _collect(engine, [(0, bad_short), (0, good), (1, bad_chunked), (6, later)])
+    for bad in (bad_short, bad_chunked):
+        reason, error = finished[id(bad)]
+        assert reason == "error" and isinstance(error, ServeError) and "non-finite" in str(error)
+    assert got[0] == [] and got[2] == []
+    assert finished[id(good)][0] == finished[id(later)][0] == "length"
+    assert got[1] == _offline(lm, [1, 20, 21, 22], 8)
+    assert got[3] == _offline(lm, [1, 30, 31], 8)
