@@ -289,7 +289,7 @@ def export_run(run: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "
 
     from spiritlm_jax.models.llama import abstract_params
 
-    from .llama import FORMAT, TOKENIZER_FILES
+    from .llama import TOKENIZER_FILES, converted_meta
     from .orbax_io import StreamingWriter, leaf_items
 
     step_dir = find_step_dir(Path(run))
@@ -332,10 +332,8 @@ def export_run(run: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "
         for keys, leaf in leaf_items(params):
             writer.write(keys, np.asarray(jax.device_get(leaf)).astype(out_dtype))
         writer.close()
-        meta = {"format": FORMAT, "layout": "scan" if cfg.scan_layers else "unrolled",
-                "llama": {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")},
-                "stored_dtype": str(dtype), "source": str(step_dir), "step": int(step_dir.name) if step_dir.name.isdigit()
-                else None, "exported_from": "training run"}
+        meta = converted_meta(cfg, stored_dtype=str(dtype), source=str(step_dir),
+                              step=int(step_dir.name) if step_dir.name.isdigit() else None, exported_from="training run")
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         for name in TOKENIZER_FILES:
             if (tok_src / name).is_file():

@@ -31,7 +31,7 @@ from spiritlm_jax.config import LlamaConfig, dtype_of
 from . import torch_io
 from .schema import Row
 from .torch_io import CheckpointError, check_keys, check_shape
-from .transforms import COPY, LINEAR, heads_in, heads_out
+from .transforms import COPY, heads_in, heads_out
 
 
 # ---------------------------------------------------------------- the table (HF torch layout ↔ ours)
@@ -44,7 +44,7 @@ def llama_rows(cfg: LlamaConfig) -> list[Row]:
     rows = [Row.one(("embed", "embedding"), "model.embed_tokens.weight", (V, E), COPY),
             Row.one(("final_norm", "scale"), "model.norm.weight", (E,), COPY)]
     if not cfg.tie_word_embeddings:
-        rows.append(Row.one(("lm_head",), "lm_head.weight", (V, E), LINEAR))
+        rows.append(Row.one(("lm_head",), "lm_head.weight", (V, E), COPY))
     for i in range(cfg.num_hidden_layers):
         hf = f"model.layers.{i}."
         rows += [
@@ -52,9 +52,9 @@ def llama_rows(cfg: LlamaConfig) -> list[Row]:
             Row.one(("layers", i, "attn", "k"), hf + "self_attn.k_proj.weight", (K * D, E), heads_in(K, D)),
             Row.one(("layers", i, "attn", "v"), hf + "self_attn.v_proj.weight", (K * D, E), heads_in(K, D)),
             Row.one(("layers", i, "attn", "o"), hf + "self_attn.o_proj.weight", (E, H * D), heads_out(H, D)),
-            Row.one(("layers", i, "mlp", "gate"), hf + "mlp.gate_proj.weight", (I, E), LINEAR),
-            Row.one(("layers", i, "mlp", "up"), hf + "mlp.up_proj.weight", (I, E), LINEAR),
-            Row.one(("layers", i, "mlp", "down"), hf + "mlp.down_proj.weight", (E, I), LINEAR),
+            Row.one(("layers", i, "mlp", "gate"), hf + "mlp.gate_proj.weight", (I, E), COPY),
+            Row.one(("layers", i, "mlp", "up"), hf + "mlp.up_proj.weight", (I, E), COPY),
+            Row.one(("layers", i, "mlp", "down"), hf + "mlp.down_proj.weight", (E, I), COPY),
             Row.one(("layers", i, "attn_norm", "scale"), hf + "input_layernorm.weight", (E,), COPY),
             Row.one(("layers", i, "mlp_norm", "scale"), hf + "post_attention_layernorm.weight", (E,), COPY),
         ]
@@ -191,6 +191,17 @@ def stream_convert(model_dir: Path, params_dir: Path, cfg: LlamaConfig, *, scan_
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 FORMAT = "spiritlm-jax/llama"
+# How the Llama weights are laid out in ``params/`` (models/llama.py): the 2-D ones (MLP, LM head)
+# output-major. Directories written before this key existed hold them input-major and no longer load.
+WEIGHTS = "2d-out-major"
+
+
+def converted_meta(cfg: LlamaConfig, *, stored_dtype: str, source: str, **extra) -> dict:
+    """The ``config.json`` of a converted Llama directory (every writer uses this: convert, export of a
+    training run, fine-tuning export, vocabulary extension)."""
+    return {"format": FORMAT, "weights": WEIGHTS, "layout": "scan" if cfg.scan_layers else "unrolled",
+            "llama": {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")},
+            "stored_dtype": stored_dtype, "source": source, **extra}
 
 
 def convert_llama(model_dir: str | Path, out_dir: str | Path, *, scan_layers: bool = True, dtype: str | None = None,
@@ -210,9 +221,7 @@ def convert_llama(model_dir: str | Path, out_dir: str | Path, *, scan_layers: bo
     try:
         stream_convert(model_dir, tmp / "params", cfg, scan_layers=scan_layers, dtype=dtype,
                        allow_classes=allow_classes, progress=progress)
-        meta = {"format": FORMAT, "layout": "scan" if scan_layers else "unrolled",
-                "llama": {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")},
-                "stored_dtype": dtype, "source": str(model_dir)}
+        meta = converted_meta(cfg.replace(scan_layers=scan_layers), stored_dtype=dtype, source=str(model_dir))
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         for name in TOKENIZER_FILES:
             if (model_dir / name).exists():
@@ -235,6 +244,10 @@ def read_converted_config(conv_dir: str | Path, **runtime) -> tuple[LlamaConfig,
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{conv_dir}/config.json is not a converted spiritlm-jax Llama (format={meta.get('format')!r}); "
                               f"convert the HF checkpoint first: spiritlm-jax convert llama SRC DST")
+    if meta.get("weights") != WEIGHTS:
+        raise CheckpointError(f"{conv_dir} was written by an older spiritlm-jax, whose MLP and LM-head weights were stored input-major "
+                              f"(config.json has no \"weights\": \"{WEIGHTS}\"); re-convert it from the original: "
+                              f"spiritlm-jax convert llama SRC {conv_dir} --overwrite")
     stored = meta["layout"] == "scan"
     return LlamaConfig.from_dict(meta["llama"], scan_layers=runtime.pop("scan_layers", stored), **runtime), meta["layout"]
 

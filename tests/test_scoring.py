@@ -41,8 +41,8 @@ def preference_params(cfg, params, good_ids, bad_ids, strength=8.0):
     h = e / np.sqrt(np.mean(e * e) + cfg.rms_norm_eps) * np.asarray(p["final_norm"]["scale"])
     u = h / np.dot(h, h)
     W = np.zeros_like(p["lm_head"])
-    W[:, list(good_ids)] = strength * u[:, None]
-    W[:, list(bad_ids)] = -strength * u[:, None]
+    W[list(good_ids)] = strength * u[None]  # lm_head is (V, E)
+    W[list(bad_ids)] = -strength * u[None]
     p["lm_head"] = W
     return jax.tree.map(jnp.asarray, p)
 

@@ -121,7 +121,19 @@ def test_converted_dir_errors(hf_dir, tmp_path):
         convert_llama(hf_dir, tmp_path / "conv")
     with pytest.raises(CheckpointError, match="spiritlm-jax convert"):
         load_converted(hf_dir)  # an HF dir, not a converted one
+    import json
     import shutil
+
+    # a directory converted before the MLP / LM-head weights became output-major: refused, with the fix
+    # (restoring it would give shape errors, or for a square MLP silently transposed weights)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "config.json").read_text())
+    del meta["weights"]
+    (old / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"older spiritlm-jax.*convert llama SRC .* --overwrite"):
+        load_converted(old)
+    assert (old / "params").is_dir()  # nothing of the user's is touched
 
     shutil.rmtree(out / "params")
     with pytest.raises(CheckpointError, match="incomplete"):

@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec
 
 from spiritlm_jax import sharding as shd
 from spiritlm_jax.config import LlamaConfig, dtype_of
-from spiritlm_jax.models.llama import Llama
+from spiritlm_jax.models.llama import OUTPUT_MAJOR, Llama
 
 from .trainer import TrainingError
 
@@ -324,17 +324,19 @@ def merge_trees(a: dict, b: dict) -> dict:
 
 # ====================================================================== merging adapters
 
-def lora_delta(a, b, weight_shape, scale: float):
-    """``scale · A·B`` in the weight's shape. A: (*stack, *inputs, r), B: (*stack, r, *outputs), the
-    weight (*stack, *inputs, *outputs) — the layout qwix gives our einsum weights."""
+def lora_delta(a, b, weight_shape, scale: float, *, output_major: bool = False):
+    """``scale · A·B`` in the weight's shape. A: (*stack, *inputs, r), B: (*stack, r, *outputs) — the layout
+    qwix gives our einsum weights — and the weight (*stack, *inputs, *outputs), or (*stack, *outputs,
+    *inputs) when ``output_major`` (the Llama's 2-D weights, ``models.llama.OUTPUT_MAJOR``)."""
     n_stack = a.ndim + b.ndim - 2 - len(weight_shape)
     stack = a.shape[:n_stack]
     ins, outs = a.shape[n_stack:-1], b.shape[n_stack + 1:]
-    if tuple(stack) + tuple(ins) + tuple(outs) != tuple(weight_shape) or a.shape[-1] != b.shape[n_stack]:
+    stored = tuple(stack) + (tuple(outs) + tuple(ins) if output_major else tuple(ins) + tuple(outs))
+    if stored != tuple(weight_shape) or a.shape[-1] != b.shape[n_stack]:
         raise PeftError(f"adapter shapes A {a.shape}, B {b.shape} do not factor a weight of shape {weight_shape}")
     a2 = a.reshape(*stack, int(np.prod(ins)), a.shape[-1]).astype(jnp.float32)
     b2 = b.reshape(*stack, b.shape[n_stack], int(np.prod(outs))).astype(jnp.float32)
-    delta = jnp.einsum("...ir,...ro->...io", a2, b2)  # (*stack, inputs, outputs)
+    delta = jnp.einsum("...ir,...ro->...oi" if output_major else "...ir,...ro->...io", a2, b2)
     return (scale * delta).reshape(weight_shape)
 
 
@@ -352,7 +354,8 @@ def merge_lora(params: dict, rank: int, alpha: float, dtype=None) -> dict:
             w = qwix.dequantize(w)
         ka, kb = k[:-1] + (f"{k[-1]}_lora_a",), k[:-1] + (f"{k[-1]}_lora_b",)
         if ka in flat:
-            merged = w.astype(jnp.float32) + lora_delta(flat[ka], flat[kb], w.shape, alpha / rank)
+            merged = w.astype(jnp.float32) + lora_delta(flat[ka], flat[kb], w.shape, alpha / rank,
+                                                        output_major=k[-1] in OUTPUT_MAJOR)
             w = merged.astype(dtype or w.dtype)
         elif dtype is not None:
             w = w.astype(dtype)
@@ -408,7 +411,7 @@ def export_merged(trainer, out_dir, *, adapters_only: bool = False, overwrite: b
 
     import orbax.checkpoint as ocp
 
-    from spiritlm_jax.converters.llama import FORMAT, TOKENIZER_FILES
+    from spiritlm_jax.converters.llama import TOKENIZER_FILES, WEIGHTS, converted_meta
 
     out = Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()):
@@ -429,17 +432,15 @@ def export_merged(trainer, out_dir, *, adapters_only: bool = False, overwrite: b
         (out / "adapter_config.json").write_text(json.dumps(
             {"format": "spiritlm-jax/lora", "base": trainer.cfg.model.init, "rank": plan.lora_rank,
              "alpha": plan.lora_alpha, "modules": plan.lora_modules, "quantize": plan.quantize,
-             "layout": "scan" if cfg.scan_layers else "unrolled"}, indent=1))
+             "layout": "scan" if cfg.scan_layers else "unrolled", "weights": WEIGHTS}, indent=1))
         return out
     frozen = jax.device_get(trainer.frozen["params"])
     full = merge_trees(frozen, trainable)
     params = merge_lora(full, plan.lora_rank, plan.lora_alpha, jnp.float32) if plan.is_lora else full
     ckptr.save(out / "params", jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
-    meta = {"format": FORMAT, "layout": "scan" if cfg.scan_layers else "unrolled",
-            "llama": {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")},
-            "stored_dtype": "float32", "source": f"fine-tuned from {trainer.cfg.model.init} ({trainer.cfg.recipe}"
-                                                  f"{', LoRA' if plan.is_lora else ''})"}
+    meta = converted_meta(cfg, stored_dtype="float32", source=f"fine-tuned from {trainer.cfg.model.init} "
+                                                            f"({trainer.cfg.recipe}{', LoRA' if plan.is_lora else ''})")
     (out / "config.json").write_text(json.dumps(meta, indent=1))
     init = Path(trainer.cfg.model.init)
     for name in TOKENIZER_FILES:

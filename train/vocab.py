@@ -101,7 +101,7 @@ def _new_rows(existing: np.ndarray, n: int, noise: float, rng: np.random.Generat
 
 def extend_params(params: dict, cfg: LlamaConfig, n_rows: int, *, n_keep: int, n_text: int, seed: int = 0,
                   noise_in: float = 1.0, noise_out: float = 0.1) -> tuple[LlamaConfig, dict]:
-    """Grow ``embed/embedding`` (V, E) and ``lm_head`` (E, V) to ``n_rows``; rows < ``n_keep`` are copied,
+    """Grow ``embed/embedding`` and ``lm_head`` (both (V, E)) to ``n_rows``; rows < ``n_keep`` are copied,
     rows ≥ ``n_keep`` are new (statistics from rows < ``n_text``). numpy in, numpy out."""
     V = cfg.vocab_size
     if n_rows < V:
@@ -115,8 +115,7 @@ def extend_params(params: dict, cfg: LlamaConfig, n_rows: int, *, n_keep: int, n
     p["embed"] = {**p["embed"], "embedding": new_emb}
     if not cfg.tie_word_embeddings:
         head = np.asarray(p["lm_head"])
-        new_cols = _new_rows(head[:, :n_text].T, n_rows - n_keep, noise_out, rng).T
-        p["lm_head"] = np.concatenate([head[:, :n_keep], new_cols], axis=1)
+        p["lm_head"] = np.concatenate([head[:n_keep], _new_rows(head[:n_text], n_rows - n_keep, noise_out, rng)])
     return cfg.replace(vocab_size=n_rows), p
 
 
@@ -128,7 +127,8 @@ def extend_checkpoint(src: str | Path, out: str | Path, layout: str, *, seed: in
     in the Spirit LM layout: ``config.json``, ``params/`` (orbax), the extended ``tokenizer.model`` and
     the other tokenizer files. The output is a valid ``model.init`` for training (and loads with
     ``converters.llama.load_converted``)."""
-    from spiritlm_jax.converters.llama import (FORMAT, TOKENIZER_FILES, load_converted, load_hf_params)
+    from spiritlm_jax.converters.llama import (FORMAT, TOKENIZER_FILES, converted_meta, load_converted,
+                                               load_hf_params)
     from spiritlm_jax.converters.orbax_io import save_tree_without_copy
     from spiritlm_jax.text import TextTokenizer
     import jax
@@ -166,12 +166,11 @@ def extend_checkpoint(src: str | Path, out: str | Path, layout: str, *, seed: in
                                         noise_in=noise_in, noise_out=noise_out)
     out.mkdir(parents=True, exist_ok=True)
     save_tree_without_copy(out / "params", new_params)
-    llama = {k: v for k, v in new_cfg.to_dict().items() if k not in ("dtype", "param_dtype", "scan_layers", "remat")}
-    (out / "config.json").write_text(json.dumps({
-        "format": FORMAT, "layout": layout_name, "llama": llama, "stored_dtype": dtype, "source": str(src),
-        "vocab_extension": {"layout": layout, "kept_rows": n_keep, "new_rows": n_rows - n_keep, "seed": seed,
+    (out / "config.json").write_text(json.dumps(converted_meta(
+        new_cfg.replace(scan_layers=layout_name == "scan"), stored_dtype=dtype, source=str(src),
+        vocab_extension={"layout": layout, "kept_rows": n_keep, "new_rows": n_rows - n_keep, "seed": seed,
                             "init": f"input: mean + {noise_in}*std*N(0,1); output: mean + {noise_out}*std*N(0,1) "
-                                    f"(per-dimension statistics of rows 0..{n_text - 1})"}}, indent=1))
+                                    f"(per-dimension statistics of rows 0..{n_text - 1})"}), indent=1))
     for name in TOKENIZER_FILES:
         if name != "tokenizer.model" and (src / name).exists():
             shutil.copy2(src / name, out / name)
