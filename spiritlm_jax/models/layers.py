@@ -15,6 +15,9 @@ measurement on XLA:CPU (see bench/conv_bench.py):
 * k = 1: one dot (``'btc,cd->btd'``);
 * depthwise (groups = C_in = C_out): a fused sum of k shifted products — XLA:CPU's grouped
   convolution runs ~15x slower on FCPE's (16, 1001, 1024) k = 31 shape;
+* other grouped convs (2 ≤ groups ≤ 32): one ordinary conv per group on its channel slice,
+  concatenated — bit-identical to ``feature_group_count`` and faster on XLA:CPU (HuBERT's positional
+  conv, 768 ch, 16 groups, k = 128, 250 frames: 42 → 27 ms at batch 1, 236 → 159 ms at batch 8);
 * everything else: ``lax.conv_general_dilated`` (XLA:CPU hands it to its Eigen/oneDNN kernel).
 
 ConvTranspose1d is written as a polyphase ordinary conv (no work on the zeros a dilated-input
@@ -86,6 +89,11 @@ def _pair(padding: int | tuple[int, int]) -> tuple[int, int]:
     return (padding, padding) if isinstance(padding, int) else (int(padding[0]), int(padding[1]))
 
 
+# grouped convs with at most this many groups run as one ordinary conv per group (see module doc);
+# more groups (small slices) stay one feature_group_count conv
+_SPLIT_MAX_GROUPS = 32
+
+
 def conv1d(x: Array, kernel: Array, *, stride: int = 1, padding: int | tuple[int, int] = 0,
            dilation: int = 1, groups: int = 1) -> Array:
     """torch ``F.conv1d`` (cross-correlation, zero padding) on channels-last arrays.
@@ -105,6 +113,13 @@ def conv1d(x: Array, kernel: Array, *, stride: int = 1, padding: int | tuple[int
         return jnp.einsum("btc,cd->btd", x, kernel[0])  # (B, T, C_in) x (C_in, C_out)
     if groups == cin == cout and stride == 1:
         return _depthwise(x, kernel[:, 0, :], left, right, dilation)
+    if 1 < groups <= _SPLIT_MAX_GROUPS:
+        if cout % groups:
+            raise ValueError(f"conv1d: {cout} output channels are not divisible by {groups} groups")
+        og = cout // groups
+        return jnp.concatenate(
+            [conv1d(x[..., g * cin_g:(g + 1) * cin_g], kernel[..., g * og:(g + 1) * og], stride=stride,
+                    padding=(left, right), dilation=dilation) for g in range(groups)], axis=-1)
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(stride,), padding=[(left, right)], rhs_dilation=(dilation,),
         dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
