@@ -202,10 +202,13 @@ class MaskedGroupNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("speech_embed",)), (C,), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("speech_embed",)), (C,), jnp.float32)
         g = x.reshape(B, T, self.groups, C // self.groups)
-        m = mask[:, :, None, None].astype(x.dtype)
+        # padding excluded with where, not a float-mask multiply: XLA:CPU reduces g * mask over
+        # (time, channels-in-group) ~2x slower at (1 | 16, 1001, 512) (as HuBERT's _masked_time_norm)
+        m = mask[:, :, None, None]
         count = jnp.sum(mask, axis=1).astype(x.dtype)[:, None, None, None] * (C // self.groups)
-        mean = jnp.sum(g * m, axis=(1, 3), keepdims=True) / count
-        var = jnp.sum(jnp.square((g - mean) * m), axis=(1, 3), keepdims=True) / count
+        mean = jnp.sum(jnp.where(m, g, 0.0), axis=(1, 3), keepdims=True) / count
+        d = jnp.where(m, g - mean, 0.0)
+        var = jnp.sum(d * d, axis=(1, 3), keepdims=True) / count
         y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(B, T, C)
         return y * scale + bias
 
