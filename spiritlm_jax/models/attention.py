@@ -248,7 +248,9 @@ def _splash_specs(mesh, B: int, H: int, KV: int):
 
     row = shd.fit_spec(shd.logical_spec("batch"), (B,), mesh)[0]
     heads = shd.logical_spec("act_heads")[0]
-    if shd.fit_spec(shd.logical_spec("act_heads", "act_kv_heads"), (H, KV), mesh) != P(heads, heads):
+    kv_heads = shd.logical_spec("act_kv_heads")[0]  # one at a time: flax maps a mesh axis once per spec
+    if (heads != kv_heads or shd.fit_spec(P(heads), (H,), mesh) != P(heads)
+            or shd.fit_spec(P(kv_heads), (KV,), mesh) != P(kv_heads)):
         heads = None
     return P(row, heads, None, None), P(row, heads, None, None), P(row, None)
 
