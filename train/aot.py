@@ -146,6 +146,7 @@ def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int 
     compiled = lowered.compile()
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
+    mosaic = mosaic_calls(compiled.as_text())
     gib = 1024 ** 3
     state_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract))
     frozen_bytes = sum(np.prod(x.shape) * (0.5 if "int4" in str(x.dtype) else np.dtype(x.dtype).itemsize)
@@ -159,6 +160,9 @@ def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int 
         "train_state_gib_total": state_bytes / gib, "flops_per_token": flops_per_token(cfg, seq) - (
             2.0 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) if lora_rank else 0.0),
         "lower_s": t1 - t0, "compile_s": t2 - t1,
+        # Pallas TPU kernels (Mosaic) in the compiled program: > 0 iff the splash kernel really runs (an
+        # XLA:CPU compile or any other backend: 0, the kernel is interpreted or absent)
+        "mosaic_calls": mosaic,
     }
     if mem is not None:
         out.update(argument_gib=mem.argument_size_in_bytes / gib, output_gib=mem.output_size_in_bytes / gib,
@@ -166,6 +170,14 @@ def compile_train_step(devices, mesh_shape, *, batch: int, seq: int, vocab: int 
                    peak_gib_per_device=(mem.argument_size_in_bytes + mem.output_size_in_bytes
                                         - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib)
     return out
+
+
+def mosaic_calls(hlo_text: str) -> int:
+    """How many Mosaic (Pallas TPU) custom calls an HLO/StableHLO text holds: each is a
+    ``custom_call_target="tpu_custom_call"`` (compiled HLO) or ``@tpu_custom_call`` (StableHLO)."""
+    import re
+
+    return len(re.findall(r'custom_call_target="tpu_custom_call"|@tpu_custom_call\b', hlo_text))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,16 @@ slots and positions for the cached path (prefill, decode).
   NVIDIA GPUs, the rule given as one boolean (B, 1, T, S) mask shared by all heads. Off GPU the same
   call runs JAX's XLA implementation (that is how CPU tests check it).
 * ``splash``: the TPU splash-attention Pallas kernel shipped in JAX
-  (``jax.experimental.pallas.ops.tpu.splash_attention``) with a causal mask and segment ids; off
-  TPU it runs in Pallas interpret mode (slow: for tests). The full-sequence path only: the cached
-  path's per-row positions are not a static mask, so a cached prefill with ``splash`` runs
-  ``chunked``. Under a multi-device mesh it is not wrapped in ``shard_map`` (single-device only).
+  (``jax.experimental.pallas.ops.tpu.splash_attention``) with a causal mask and segment ids,
+  grouped-query natively (K/V keep their KV heads). Mosaic on TPU, Pallas interpret mode elsewhere
+  (slow: for tests), chosen when the program is lowered (``lax.platform_dependent``), so an AOT compile
+  for a TPU target from a CPU host gets the real kernel. Under a mesh of more than one device
+  (``jax.sharding.get_abstract_mesh()``) it runs inside ``jax.shard_map``: rows over the mesh axes of
+  the logical ``batch`` axis, heads over those of ``act_heads`` (``sharding.py``), one per-shard kernel
+  per device; nothing is gathered. bf16 kernels run at default matmul precision, forward and backward
+  (Mosaic refuses bf16 dots at the fp32 contract precision the model's ``precision_scope`` sets). The
+  full-sequence path only: the cached path's per-row positions are not a static mask, so a cached
+  prefill with ``splash`` runs ``chunked``.
 * ``auto``: ``splash`` on TPU, ``cudnn`` on GPU, ``xla`` elsewhere.
 
 Decode steps (one query per row) always use ``xla``: a (B, KV, G, 1, S) score tensor is small, and
@@ -31,6 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -172,6 +179,7 @@ def cudnn_attention(q: Array, k: Array, v: Array, where: dict) -> Array:
 
 
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
+    """One shard's kernel: ``heads`` query heads (the per-shard count) over ``length`` tokens."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -182,19 +190,89 @@ def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
     return kernel.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, block: int) -> Array:
-    """Full-sequence causal attention with packed segments through the splash kernel."""
+def _splash_rows(q: Array, k: Array, v: Array, seg: Array, block: int, interpret: bool) -> Array:
+    """q (b, H, T, D), k and v (b, KV, T, D), seg (b, T) → (b, H, T, D): the kernel per row (vmap).
+    Grouped-query natively: the MHA kernel maps query head h to kv head h // (H / KV) itself, so K/V
+    are never repeated to H heads."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
 
+    run = _splash_kernel(q.shape[1], q.shape[2], block, interpret)
+    return jax.vmap(lambda a, b, c, s: run(a, b, c, segment_ids=kernel.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+
+
+def _splash_local(q: Array, k: Array, v: Array, seg: Array, block: int) -> Array:
+    """:func:`_splash_rows` on this device's rows and heads. Mosaic or interpret mode is chosen when the
+    program is LOWERED (``lax.platform_dependent``), not from the host's default backend when it is traced:
+    an AOT compile for a TPU target from a CPU host gets the real kernel, a CPU run gets interpret mode.
+    Below fp32 (bf16) the kernel runs at default matmul precision (:func:`_default_precision`); fp32 inputs
+    keep the caller's precision (no silent single bf16 pass)."""
+    def call(q, k, v, seg):
+        return lax.platform_dependent(q, k, v, seg, tpu=lambda *a: _splash_rows(*a, block, False),
+                                      default=lambda *a: _splash_rows(*a, block, True))
+
+    if q.dtype != jnp.float32:
+        call = _default_precision(call)
+    return call(q, k, v, seg)
+
+
+def _default_precision(fn):
+    """``fn`` traced at default matmul precision, its forward AND its backward (a custom_vjp around the
+    vjp of ``fn``). Mosaic refuses bf16 dots at fp32 contract precision ("Mosaic failed to compile TPU
+    kernel: Bad lhs type" from the TPU compiler), and the model traces under ``precision_scope(cfg.precision)``
+    (float32 = HIGHEST, the default, also in training). A context manager around the call
+    alone would cover the forward only: the kernel's backward is traced later, when the gradient is
+    transposed, under whatever precision surrounds ``jax.grad``."""
+    @jax.custom_vjp
+    def call(*args):
+        with jax.default_matmul_precision("default"):
+            return fn(*args)
+
+    def fwd(*args):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, *args)  # (out, the pullback: a pytree of residuals)
+
+    def bwd(pullback, g):
+        with jax.default_matmul_precision("default"):
+            return pullback(g)
+
+    call.defvjp(fwd, bwd)
+    return call
+
+
+def _splash_specs(mesh, B: int, H: int, KV: int):
+    """shard_map specs for q (B, H, T, D), k/v (B, KV, T, D), seg (B, T): rows over the mesh axes of the
+    logical ``batch`` axis, heads over those of ``act_heads`` (sharding.py's rules; one owner). A dimension
+    the axes do not divide is replicated; heads are split only if both H and KV divide (each shard keeps
+    whole query groups with their kv head)."""
+    from .. import sharding as shd
+
+    row = shd.fit_spec(shd.logical_spec("batch"), (B,), mesh)[0]
+    heads = shd.logical_spec("act_heads")[0]
+    kv_heads = shd.logical_spec("act_kv_heads")[0]  # one at a time: flax maps a mesh axis once per spec
+    if (heads != kv_heads or shd.fit_spec(P(heads), (H,), mesh) != P(heads)
+            or shd.fit_spec(P(kv_heads), (KV,), mesh) != P(kv_heads)):
+        heads = None
+    return P(row, heads, None, None), P(row, heads, None, None), P(row, None)
+
+
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, block: int) -> Array:
+    """Full-sequence causal attention with packed segments through the splash kernel. Under a mesh of
+    more than one device (``jax.sharding.get_abstract_mesh()``, e.g. ``sharding.mesh_context``) the
+    kernel runs inside ``jax.shard_map``: each device computes its own rows and heads, nothing gathered."""
     B, T, H, D = q.shape
     KV = k.shape[2]
     block = min(block, -(-T // 128) * 128)  # splash blocks are multiples of 128
     pad = -T % block
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)))  # padded tokens: segment 0
-    # (B, T, H, D) → (B, H, T, D); kv heads repeated to H (the MHA kernel)
-    qh = jnp.pad(q * jnp.asarray(D ** -0.5, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    kh = jnp.repeat(jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))), H // KV, axis=2).transpose(0, 2, 1, 3)
-    vh = jnp.repeat(jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))), H // KV, axis=2).transpose(0, 2, 1, 3)
-    run = _splash_kernel(H, T + pad, block, jax.default_backend() != "tpu")
-    out = jax.vmap(lambda a, b, c, s: run(a, b, c, segment_ids=kernel.SegmentIds(q=s, kv=s)))(qh, kh, vh, seg)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    # (B, T, heads, D) → (B, heads, T, D); k, v keep their KV heads (grouped-query kernel)
+    qh = jnp.pad(q * jnp.asarray(D ** -0.5, q.dtype), widths).transpose(0, 2, 1, 3)
+    kh, vh = (jnp.pad(x, widths).transpose(0, 2, 1, 3) for x in (k, v))
+    local = lambda a, b, c, s: _splash_local(a, b, c, s, block)  # noqa: E731
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        qs, kvs, ss = _splash_specs(mesh, B, H, KV)
+        # check_vma=False: pallas_call outputs carry no varying-manual-axes type
+        local = jax.shard_map(local, mesh=mesh, in_specs=(qs, kvs, kvs, ss), out_specs=qs, check_vma=False)
+    out = local(qh, kh, vh, seg)
     return out.transpose(0, 2, 1, 3)[:, :T].astype(q.dtype)
