@@ -74,5 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     return int(args._run(args) or 0)
 
 
+# inference commands: re-executed once with glibc's malloc huge pages (spiritlm_jax/runtime.py says why)
+HUGEPAGE_COMMANDS = ("serve", "generate")
+
+
+def entry() -> int:
+    """The ``spiritlm-jax`` console script and ``python -m spiritlm_jax.cli``: ``main`` on the command line,
+    after the inference commands re-executed themselves with malloc huge pages (``main(argv)``, as tests and
+    scripts call it in process, never re-executes)."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command in HUGEPAGE_COMMANDS:
+        from spiritlm_jax import runtime
+
+        runtime.reexec_with_malloc_hugepages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
