@@ -62,10 +62,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def subcommand(argv: list[str]) -> str | None:
+    """The subcommand a command line names: its first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = subcommand(argv)
     parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -82,8 +87,7 @@ def entry() -> int:
     """The ``spiritlm-jax`` console script and ``python -m spiritlm_jax.cli``: ``main`` on the command line,
     after the inference commands re-executed themselves with malloc huge pages (``main(argv)``, as tests and
     scripts call it in process, never re-executes)."""
-    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    if command in HUGEPAGE_COMMANDS:
+    if subcommand(sys.argv[1:]) in HUGEPAGE_COMMANDS:
         from spiritlm_jax import runtime
 
         runtime.reexec_with_malloc_hugepages()

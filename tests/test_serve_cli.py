@@ -11,6 +11,8 @@ import urllib.request
 
 import pytest
 
+from spiritlm_jax import runtime
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,8 +39,6 @@ def test_serve_cli_serves_and_sigterm_drains_the_request_in_flight(tmp_path):
                 time.sleep(0.2)
         assert health["status"] == "ok" and health["slots"] == 2
         # the server runs with malloc huge pages (spiritlm_jax/runtime.py): it re-executed itself in place
-        from spiritlm_jax import runtime
-
         if runtime.malloc_hugepages_environment({}) is not None:  # glibc >= 2.35, as on CI's Linux
             environ = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
             assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ
