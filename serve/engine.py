@@ -9,11 +9,17 @@
   every admitted prompt in as few calls as the budget allows: rows × padded length ≤ ``prefill_budget``,
   one call per attention window in use (a short prompt never reads a long one's window). A long few-shot
   prompt therefore stalls the decoding slots for one chunk at a time, not for its whole prefill.
-* **Decode grouped by window.** ONE compiled decode step advances a group of slots, each at its own position,
-  with its own generation options, ban mask (output modality) and token history. The decoding slots are split
-  into groups (sorted by position, the split minimising the bytes read: the weights once per call, the KV of
-  rows bucket × window per call), so a few long rows (a cached 1,000-token few-shot prefix) no longer make
-  every short row attend over 1,000+ positions, and a step with 3 live slots runs a batch of 4, not ``slots``.
+* **Decode: in place, or grouped by window.** ONE compiled decode step advances a group of slots, each at its
+  own position, with its own generation options, ban mask (output modality) and token history. Two forms,
+  chosen per step by what they read (``_groups``):
+  - *gathered* (``_decode_step``): the decoding slots are split into groups (sorted by position, the split
+    minimising the cost: the weights once per call, the KV of rows bucket × window, copied out first, per
+    call), so a step with 3 short live slots runs a batch of 4 over a 128-position window;
+  - *in place* (``_decode_all``): every slot, free and prefilling ones included, on the cache where it lies,
+    over all ``max_len`` positions: no copy at all (XLA:CPU's dots read a whole cache leaf in place at
+    ~22 GB/s, while a gathered window's copy ran at 1.3-4.6 GB/s). At 135 M with 16 slots × 1,152, a step
+    of 12 short rows and 4 rows past a 1,000-token few-shot prefix took 196 ms gathered (two calls) and
+    109 ms in place; 16 short rows 96 ms gathered, 92-102 ms in place.
 * **Sampling: the offline processors.** Logits go through ``infer/processors.py`` (HF's processors and
   warpers with per-row (B,) parameters: the same code as ``infer.engine.generate``), so every option of a
   :class:`SamplingConfig` (repetition penalty, no-repeat n-grams, bad words, min lengths, temperature, top-k,
@@ -78,6 +84,11 @@ GREEDY = SamplingConfig()
 MIN_WINDOW = 128  # the smallest attention window of a decode step (positions)
 PREFILL_CHUNK = 256  # a prompt is prefilled at most this many tokens per scheduler iteration
 PREFILL_BUDGET = 1024  # padded tokens (rows bucket × length bucket) of one batched prefill call
+# A gathered decode call copies its rows' KV windows out of the slots before attending: per byte, that cost
+# what GATHER_COST bytes read in place by the attention dots did (bench/serve_bench.py --parts layout: 4.7
+# with malloc huge pages, serve's default, and 16 without; 5 keeps the in-place call for mixed long rows).
+GATHER_COST = 5
+PREFILL_WINDOW = 256  # a prefill call attends over these positions while its rows end below them, else max_len
 
 
 class ServeError(ValueError):
@@ -348,6 +359,40 @@ def _decode_step(params, cache, banned, seen, history, idx, token, position, cou
     return tok, lp, top_ids, top_lp, failed, cache, seen, history
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnums=(1, 3, 4))
+def _decode_all(params, cache, banned, seen, history, live, token, position, counter, rows, seeds, *,
+                cfg: LlamaConfig, flags: ProcessorFlags):
+    """ONE step of EVERY slot on the cache where it lies: no gather, no write-back; attention reads all
+    ``max_len`` positions of every slot in place (the model's own cached path, as offline ``generate``).
+
+    ``live`` (slots,) marks the decoding slots; the engine feeds every other slot (free or prefilling) the pad
+    token at position ``max_len - 1``, so its one write lands where no request reads before writing it (a
+    request writes position p before a query at p reads it, and ``check`` keeps prompt + max_tokens within
+    ``max_len``), and its seen/history rows are kept. Its token is discarded."""
+    logits, cache = llama_module(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=cache)
+    state = StepState(history=history, cur_len=position + 1, new_len=counter, seen=seen)
+    tok, lp, top_ids, top_lp, failed = _choose(logits[:, 0], banned, state, rows, seeds, counter, flags)
+    seen_new, history_new = _mark(seen, history, jnp.arange(tok.shape[0]), tok, position + 1)
+    seen = jnp.where(live[:, None], seen_new, seen)
+    history = jnp.where(live[:, None], history_new, history)
+    return tok, lp, top_ids, top_lp, failed, cache, seen, history
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0,))
+def _clear_positions(cache, slots, positions, *, cfg: LlamaConfig):
+    """Zero position ``positions[r]`` of slot ``slots[r]`` in every cache leaf."""
+    bax, len_ax = _cache_axes(cfg)
+
+    def leaf(c):
+        sizes = list(c.shape)
+        sizes[bax], sizes[len_ax] = 1, 1
+        for r in range(slots.shape[0]):
+            c = lax.dynamic_update_slice(c, jnp.zeros(sizes, c.dtype), _row_start(c, bax, len_ax, slots[r], positions[r]))
+        return c
+
+    return jax.tree.map(leaf, cache)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "length"))
 def _extract(cache, slot, *, cfg: LlamaConfig, length: int):
     """Row ``slot``'s KV at positions [0, length) (batch 1): a prefix-cache entry."""
@@ -374,7 +419,8 @@ class Profile:
 
     @staticmethod
     def programs() -> int:
-        return sum(f._cache_size() for f in (_prefill, _copy_prefix, _first_token, _decode_step, _extract))
+        return sum(f._cache_size() for f in (_prefill, _copy_prefix, _first_token, _decode_step, _decode_all,
+                                             _clear_positions, _extract))
 
     def prefill(self, seconds: float, rows: int, padded: int, tokens: int, window: int) -> None:
         self.prefill_shapes[(rows, padded, window)] += 1
@@ -427,7 +473,7 @@ class Engine:
     def __init__(self, cfg: LlamaConfig, params, *, slots: int = 8, max_len: int | None = None,
                  eos_id: int | None = None, pad_id: int = 0, mesh=None, prefix_block: int = 16,
                  prefix_cache_mb: float = 256.0, prefill_chunk: int = PREFILL_CHUNK,
-                 prefill_budget: int = PREFILL_BUDGET):
+                 prefill_budget: int = PREFILL_BUDGET, dense_decode: bool = True):
         if slots < 1:
             raise ServeError(f"slots must be ≥ 1, got {slots}")
         self.cfg, self.params, self.mesh = cfg, params, mesh
@@ -444,6 +490,7 @@ class Engine:
             raise ServeError(f"prefill_chunk must be ≥ 16 and prefill_budget ≥ prefill_chunk, got {prefill_chunk} "
                              f"and {prefill_budget}")
         self.prefill_chunk, self.prefill_budget = int(prefill_chunk), int(prefill_budget)
+        self.dense_decode = bool(dense_decode)  # allow the in-place step over every slot (see ``_groups``)
         self._build_state()
         # the decode grouping's cost model (bytes a step reads): the weights once per call, the KV per row-position
         self._weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -510,6 +557,71 @@ class Engine:
         """The cache positions a decode step attends over when the furthest row is at ``last_position``:
         powers of two from ``MIN_WINDOW`` up to ``max_len`` (few buckets: each is one compile of the step)."""
         return min(self.max_len, max(MIN_WINDOW, 1 << int(last_position).bit_length()))
+
+    def prefill_window(self, last_position: int) -> int:
+        """The cache positions a prefill call attends over: ``PREFILL_WINDOW`` while every row ends below it,
+        else all ``max_len``. Two windows, not the decode step's powers of two: a prefill call's window copy
+        is small beside its P tokens of compute, and each window multiplies the prefill programs (rows
+        bucket × length bucket) that ``precompile`` builds."""
+        short = min(PREFILL_WINDOW, self.max_len)
+        return short if last_position < short else self.max_len
+
+    def precompile(self, log: Callable[[str], None] | None = None) -> int:
+        """Compile, before any request, every program the scheduler picks in steady state: each prefill shape
+        (rows bucket × length bucket within ``prefill_budget``, at both prefill windows), each gathered decode
+        shape (rows bucket × window) and the in-place step, in the greedy and the top-k sampling variants
+        (HF's defaults), and the prefix cache's extraction and copy at each entry length. The calls run on
+        padding rows (nothing is written that a request reads). A chunk
+        padded only to what its slot holds (a prompt filling its slot to the end) is compiled when it
+        comes. Returns the number of programs compiled."""
+        if self.has_work():
+            raise ServeError("precompile runs before the engine takes requests")
+        t0, n0 = time.perf_counter(), Profile.programs()
+        pad = self.slots  # a padding row's index: read from the last slot, never written
+        shapes = []
+        lengths = [P for P in (16 << i for i in range(16)) if P <= min(_pow2(self.prefill_chunk), self.max_len)]
+        for window in sorted({self.prefill_window(0), self.max_len}):
+            for P in (P for P in lengths if P <= window):
+                shapes += [(R, P, window) for R in (1 << i for i in range(16))
+                           if R <= _pow2(self.slots) and R * P <= self.prefill_budget]
+        for R, P, window in shapes:
+            z = jnp.zeros((R,), jnp.int32)
+            logits, self.cache = _prefill(self.params, self.cache, jnp.full((R,), pad, jnp.int32),
+                                          jnp.zeros((R, P), jnp.int32), z, z, cfg=self.cfg, window=window)
+        jax.block_until_ready(logits)
+        windows = sorted({self.window(p) for p in range(self.max_len)})
+        for config in (GREEDY, SamplingConfig(do_sample=True)):
+            flags = self.flags([config])
+            for R in (1 << i for i in range(16)):
+                if R > _pow2(self.slots):
+                    break
+                idx = np.full(R, pad, np.int32)
+                for window in windows:
+                    z = jnp.zeros((R,), jnp.int32)
+                    out = _decode_step(self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(idx),
+                                       z, z, z, self._row_params_for(tuple(idx.tolist())), jnp.zeros((R,), jnp.uint32),
+                                       cfg=self.cfg, flags=flags, window=window)
+                    self.cache, self.seen, self.history = out[5:]
+            if self.dense_decode:
+                B = self.slots
+                z = jnp.zeros((B,), jnp.int32)
+                out = _decode_all(self.params, self.cache, self.banned, self.seen, self.history, jnp.zeros((B,), bool),
+                                  z, jnp.full((B,), self.max_len - 1, jnp.int32), z,
+                                  self._row_params_for(tuple(range(B))), jnp.zeros((B,), jnp.uint32), cfg=self.cfg,
+                                  flags=flags)
+                self.cache, self.seen, self.history = out[5:]
+            self.run_to_completion([Request([0], 2, config)])  # the first-token program of this variant
+        if self.prefix.budget > 0:  # a prefix-cache entry's extraction and copy, at each length it can have
+            for length in sorted({min(bucket_length(n), self.max_len)
+                                  for n in range(self.prefix.block, self.max_len + 1, self.prefix.block)}):
+                entry = _extract(self.cache, jnp.int32(0), cfg=self.cfg, length=length)
+                self.cache = _copy_prefix(self.cache, jnp.int32(0), entry, cfg=self.cfg)  # slot 0 onto itself
+        jax.block_until_ready(self.cache)
+        n = Profile.programs() - n0
+        if log:
+            log(f"precompiled {n} programs ({len(shapes)} prefill shapes, decode windows {windows}) in "
+                f"{time.perf_counter() - t0:.0f} s")
+        return n
 
     # ---------------------------------------------------------------------------------- checks
     def check(self, req: Request) -> None:
@@ -659,10 +771,10 @@ class Engine:
             p = max(P, 16, _pow2(piece))
             if not rows:  # near the end of its slot a prompt is padded only to what the slot holds
                 p = min(p, self.max_len - s.filled)
-                window = self.window(s.filled + p - 1)
+                window = self.prefill_window(s.filled + p - 1)
             elif (_pow2(len(rows) + 1) * p > self.prefill_budget or piece > p
                   or any(self._slots[j].filled + p > self.max_len for j in rows + [i])
-                  or any(self.window(self._slots[j].filled + p - 1) != window for j in rows + [i])):
+                  or any(self.prefill_window(self._slots[j].filled + p - 1) != window for j in rows + [i])):
                 continue
             rows.append(i)
             P = p
@@ -693,7 +805,7 @@ class Engine:
             idx[r], start[r], last[r] = i, s.filled, piece - 1
             tokens[r, :piece] = s.request.prompt[s.filled:s.filled + piece]
             pieces.append(piece)
-        window = self.window(int(start.max()) + P - 1)
+        window = self.prefill_window(int(start.max()) + P - 1)
         t0 = time.perf_counter()
         try:
             logits, self.cache = _prefill(self.params, self.cache, jnp.asarray(idx), jnp.asarray(tokens),
@@ -744,14 +856,20 @@ class Engine:
             raise _failure(len(ids), 0)
         self._deliver(i, int(tok[0]), float(lp[0]), np.asarray(top_ids[0]), np.asarray(top_lp[0]))
 
-    def _step_cost(self, rows: int, last_position: int) -> int:
-        """Bytes one decode call reads: the weights, and (gathered, then attended) the KV of its window."""
-        return self._weight_bytes + 2 * _pow2(rows) * self.window(last_position) * self._kv_bytes
+    def _step_cost(self, rows: int, last_position: int) -> float:
+        """What one gathered decode call costs, in bytes read in place: the weights, and the KV of its
+        window, which is copied out of the slots first (``GATHER_COST`` per byte)."""
+        return self._weight_bytes + GATHER_COST * _pow2(rows) * self.window(last_position) * self._kv_bytes
 
-    def _groups(self, live: list[int]) -> list[list[int]]:
-        """Split the decoding slots into calls, each with its own rows bucket and window: the split of the
-        slots sorted by position into runs that minimises the summed ``_step_cost`` (one call unless a few
-        long rows would make every short row attend over their window)."""
+    def _dense_cost(self) -> float:
+        """What one in-place call over every slot costs (``_decode_all``): the weights and the whole cache."""
+        return self._weight_bytes + self.slots * self.max_len * self._kv_bytes
+
+    def _groups(self, live: list[int]) -> list[list[int]] | None:
+        """Split the decoding slots into gathered calls, each with its own rows bucket and window: the split of
+        the slots sorted by position into runs that minimises the summed ``_step_cost`` (one call unless a few
+        long rows would make every short row attend over their window). None: one in-place call over every
+        slot (``_decode_all``) costs less than the best split."""
         h = self.host
         live = sorted(live, key=lambda i: h["position"][i])
         n = len(live)
@@ -761,6 +879,8 @@ class Engine:
                 c = best[i] + self._step_cost(j - i, int(h["position"][live[j - 1]]))
                 if c < best[j]:
                     best[j], cut[j] = c, i
+        if self.dense_decode and self._dense_cost() < best[n]:
+            return None
         groups, j = [], n
         while j:
             groups.append(live[cut[j]:j])
@@ -773,10 +893,13 @@ class Engine:
         return self._rows[idx]
 
     def _decode(self, live: list[int]) -> None:
+        groups = self._groups(live)
+        if groups is None:
+            return self._decode_dense(live)
         h = self.host
         t0 = time.perf_counter()
         calls, shapes = [], []
-        for group in self._groups(live):
+        for group in groups:
             R = _pow2(len(group))
             idx = np.asarray(group + [self.slots] * (R - len(group)), np.int32)
             at = np.minimum(idx, self.slots - 1)
@@ -795,6 +918,36 @@ class Engine:
         t1 = time.perf_counter()
         results = [(group, [np.asarray(x) for x in outs]) for group, outs in calls]
         self.profile.decode(t1 - t0, time.perf_counter() - t1, shapes)
+        self._advance(results)
+
+    def _decode_dense(self, live: list[int]) -> None:
+        """One in-place step of every slot (``_decode_all``); only the ``live`` rows' tokens are kept."""
+        h, B = self.host, self.slots
+        t0 = time.perf_counter()
+        mask = np.zeros(B, bool)
+        mask[live] = True
+        position = np.where(mask, h["position"], self.max_len - 1).astype(np.int32)
+        out = _decode_all(
+            self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(mask),
+            jnp.asarray(np.where(mask, h["token"], self.pad_id).astype(np.int32)), jnp.asarray(position),
+            jnp.asarray(np.where(mask, h["counter"], 0).astype(np.int32)), self._row_params_for(tuple(range(B))),
+            jnp.asarray(np.where(mask, h["seed"], 0).astype(np.uint32)), cfg=self.cfg,
+            flags=self.flags([self.configs[i] for i in live]))
+        tok, lp, top_ids, top_lp, failed, self.cache, self.seen, self.history = out
+        self.steps += 1
+        t1 = time.perf_counter()
+        tok, lp, top_ids, top_lp, failed = (np.asarray(x) for x in (tok, lp, top_ids, top_lp, failed))
+        self.profile.decode(t1 - t0, time.perf_counter() - t1, [(B, len(live), self.max_len)])
+        if failed.any():  # a non-finite row wrote non-finite KV at its position: zero it (0·NaN would poison
+            # every later request in that slot, which reads the whole row with weight 0 beyond its position)
+            bad = np.flatnonzero(failed)
+            self.cache = _clear_positions(self.cache, jnp.asarray(bad, jnp.int32),
+                                          jnp.asarray(position[bad]), cfg=self.cfg)
+        self._advance([(live, [x[live] for x in (tok, lp, top_ids, top_lp, failed)])])
+
+    def _advance(self, results) -> None:
+        """Deliver each decoded row's token (or end it on failure) and move it one position on."""
+        h = self.host
         for group, (tok, lp, top_ids, top_lp, failed) in results:
             for r, i in enumerate(group):
                 s = self._slots[i]

@@ -24,7 +24,7 @@ def test_serve_cli_serves_and_sigterm_drains_the_request_in_flight(tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "spiritlm_jax.cli", "serve", "--demo", "--no-speech", "--slots", "2",
-                             "--max-len", "128", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                             "--max-len", "128", "--precompile", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -63,7 +63,9 @@ def test_serve_cli_serves_and_sigterm_drains_the_request_in_flight(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
-    assert "serving 'spirit-lm-base-7b' on http://127.0.0.1:" in open(tmp_path / "serve.log").read()
+    text = open(tmp_path / "serve.log").read()
+    assert "serving 'spirit-lm-base-7b' on http://127.0.0.1:" in text
+    assert "precompiled " in text and " prefill shapes, decode windows [128])" in text  # --precompile ran first
 
 
 @pytest.mark.parametrize("flags, message", [

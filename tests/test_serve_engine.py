@@ -59,8 +59,9 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
     assert all(expected[i] != plain[i] for i in (0, 2, 3))  # the options are not no-ops here
     # small prefill chunks and budget: prompts are prefilled in several chunks, several rows per call, and a
     # row that does not fit a call waits for the next one
+    # the gathered decode calls (dense_decode=False; the in-place step over every slot has its own test below)
     engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefix_block=8, prefill_chunk=16,
-                    prefill_budget=32)
+                    prefill_budget=32, dense_decode=False)
     # weights that cost nothing in the grouping's cost model: every decode step splits its rows by window (at
     # the tiny model's real sizes one call is cheaper, as it is for the 135 M model without long rows)
     engine._weight_bytes = 0
@@ -87,6 +88,54 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
     assert any(rows == 2 for rows, _, _ in prof.prefill_shapes), prof.summary()
     assert any(len(calls) >= 2 for calls in prof.steps_by_shape), prof.summary()
     assert any(rows < SLOTS for calls in prof.steps_by_shape for rows, _, _ in calls), prof.summary()
+
+
+def _always_dense(engine):
+    """Make the cost model pick the in-place step over every slot (``_decode_all``) for every decode step."""
+    engine._dense_cost = lambda: -1
+    return engine
+
+
+def test_in_place_step_over_every_slot_equals_offline_while_other_slots_prefill(lm):
+    """The in-place decode step runs every slot, free and prefilling ones included (they get the pad token at
+    the last position, and keep their history): greedy rows still equal offline ``generate``, with prompts
+    prefilled in chunks while other slots decode and a cached prefix copied in."""
+    rng = np.random.default_rng(1)
+    V = lm.cfg.vocab_size
+    shared = [1] + rng.integers(3, V, size=23).tolist()
+    prompts = [[1] + rng.integers(3, V, size=int(n)).tolist() for n in (5, 40, 70)]
+    prompts += [shared + rng.integers(3, V, size=int(n)).tolist() for n in (3, 30)]
+    configs = [SamplingConfig(max_new_tokens=24, **kw) for kw in
+               ({}, {"repetition_penalty": 1.4}, {"no_repeat_ngram_size": 2}, {}, {})]
+    expected = generate(lm.cfg, lm.params, prompts, configs, eos_id=2)[0]
+    engine = _always_dense(Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefix_block=8,
+                                  prefill_chunk=16, prefill_budget=32))
+    requests = [Request(p, 24, c) for p, c in zip(prompts, configs)]
+    noise = Request([1, 9, 10], 30, SamplingConfig(do_sample=True, temperature=1.2), seed=4)
+    got = _collect(engine, [(0, requests[0]), (3, requests[1]), (9, requests[2]), (4, requests[3]),
+                            (12, requests[4]), (2, noise)])
+    for prompt, want, have in zip(prompts, expected, got):
+        assert have == want, f"prompt of {len(prompt)} tokens: engine {have} != offline {want}"
+    assert engine.prefix.hits >= 1
+    calls = [shape for step in engine.profile.steps_by_shape for shape in step]
+    assert calls and all(rows == SLOTS and window == MAX_LEN for rows, _, window in calls), engine.profile.summary()
+    assert any(live < SLOTS for _, live, _ in calls)  # steps with free or prefilling slots beside the live ones
+
+
+def test_cost_model_picks_the_in_place_step_for_mixed_long_rows(lm):
+    """A few long rows among short ones: one in-place call over every slot beats gathered windows (which copy
+    GATHER_COST times the bytes); short rows alone keep the gathered call over their small window."""
+    from spiritlm_jax.serve import engine as engine_module
+
+    engine = Engine(lm.cfg, lm.params, slots=16, max_len=1152, eos_id=2)
+    engine._weight_bytes = 540 * 2 ** 20  # the 135 M model's fp32 weights (the tiny model's are negligible)
+    live = list(range(16))
+    engine.host["position"][:] = 100
+    assert engine._groups(live) == [sorted(live)]
+    engine.host["position"][:4] = 1030
+    assert engine._groups(live) is None
+    assert engine_module.GATHER_COST > 1
+    assert Engine(lm.cfg, lm.params, slots=16, max_len=1152, eos_id=2, dense_decode=False)._groups(live) is not None
 
 
 def test_sampling_stream_is_per_slot(lm):
@@ -183,8 +232,13 @@ def test_decode_and_prefill_update_the_cache_in_place(lm):
         engine._row_params_for((0,)), jnp.zeros((1,), jnp.uint32), cfg=lm.cfg, flags=flags, window=128).compile()
     prefill = engine_module._prefill.lower(lm.params, engine.cache, one, jnp.zeros((1, 16), jnp.int32), one, one + 15,
                                            cfg=lm.cfg, window=128).compile()
+    dense = engine_module._decode_all.lower(
+        lm.params, engine.cache, engine.banned, engine.seen, engine.history, jnp.ones((SLOTS,), bool),
+        jnp.zeros((SLOTS,), jnp.int32), jnp.full((SLOTS,), 3, jnp.int32), jnp.zeros((SLOTS,), jnp.int32),
+        engine._row_params_for(tuple(range(SLOTS))), jnp.zeros((SLOTS,), jnp.uint32), cfg=lm.cfg, flags=flags).compile()
     assert _cache_leaf_copies(decode.as_text(), leaf_shape) == 0
     assert _cache_leaf_copies(prefill.as_text(), leaf_shape) == 0
+    assert _cache_leaf_copies(dense.as_text(), leaf_shape) == 0
     # the detector sees the copy where XLA makes one: a donated leaf updated in place while a read of it
     # that the update does not depend on is still pending (the pattern the engine had)
     leaf = jax.tree.leaves(engine.cache)[0]
@@ -221,3 +275,51 @@ def test_a_request_with_non_finite_logits_fails_alone_and_writes_no_kv(lm):
     assert finished[id(good)][0] == finished[id(later)][0] == "length"
     assert got[1] == _offline(lm, [1, 20, 21, 22], 8)
     assert got[3] == _offline(lm, [1, 30, 31], 8)
+
+
+def test_a_row_turning_non_finite_in_an_in_place_step_leaves_no_nan_in_its_slot(lm):
+    """The in-place step writes every row's KV before its logits are known: a row whose fed token turns it
+    NaN has its position zeroed, so the next request in that slot (which reads the whole row, with weight 0
+    past its position: 0·NaN would be NaN) is exact."""
+    import jax
+
+    prompt = [1] + list(range(40, 59))  # 20 tokens: the NaN lands at position 20, past the later request's
+    first = _offline(lm, prompt, 1)[0]  # prefill (16 positions) and decode (to position 10)
+    assert first not in prompt and first != 2
+    params = jax.tree.map(lambda x: x, lm.params)
+    params["embed"]["embedding"] = params["embed"]["embedding"].at[first].set(float("nan"))
+    engine = _always_dense(Engine(lm.cfg, params, slots=2, max_len=MAX_LEN, eos_id=2))
+    finished = {}
+    bad = Request(prompt, 6)
+    bad.on_finish = lambda reason, error: finished.__setitem__("bad", (reason, error))
+    got_bad = _collect(engine, [(0, bad)])[0]
+    reason, error = finished["bad"]
+    assert got_bad == [first] and reason == "error" and "non-finite" in str(error)
+    later = [1, 50, 51]
+    want = generate(lm.cfg, params, [later], SamplingConfig(max_new_tokens=8), eos_id=2)[0][0]
+    assert first not in want  # the reference itself never feeds the NaN token
+    assert _collect(engine, [(0, Request(later, 8))])[0] == want
+
+
+def test_precompile_builds_every_program_a_workload_then_uses(lm):
+    """``Engine.precompile`` (``serve --precompile``) compiles each prefill shape, decode shape and variant and
+    the prefix-cache programs up front: a mixed workload afterwards (chunked prompts, a cached prefix, greedy
+    and sampled rows, windows crossed) compiles nothing, and gives the same tokens as offline ``generate``."""
+    from spiritlm_jax.serve.engine import Profile
+
+    engine = Engine(lm.cfg, lm.params, slots=2, max_len=128, eos_id=2, prefix_block=8, prefill_chunk=32,
+                    prefill_budget=64)
+    assert engine.precompile() >= 0
+    rng = np.random.default_rng(3)
+    V = lm.cfg.vocab_size
+    shared = [1] + rng.integers(3, V, size=30).tolist()
+    prompts = [shared + [7, 8], [1, 5, 6], shared + rng.integers(3, V, size=40).tolist(), [1] * 50]
+    before = Profile.programs()
+    requests = [Request(p, 20) for p in prompts] + [Request([1, 9], 30, SamplingConfig(do_sample=True), seed=2)]
+    got = _collect(engine, [(i, r) for i, r in enumerate(requests)])
+    assert Profile.programs() == before, engine.profile.summary()
+    assert got[:4] == generate(lm.cfg, lm.params, prompts, SamplingConfig(max_new_tokens=20), eos_id=2)[0]
+    assert engine.prefix.hits >= 1
+    with pytest.raises(ServeError, match="before the engine takes requests"):
+        engine.submit(Request([1, 2, 3], 5))
+        engine.precompile()
