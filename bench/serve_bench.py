@@ -124,17 +124,31 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
-    # the engine's real step (all slots active): attending over all max_len positions, then over the
-    # 128-position window the short rows need
+    # the engine's real steps (all slots active, short rows): gathered over all max_len positions, gathered
+    # over the 128-position window the short rows need, and in place over every slot (no gather at all)
+    live = list(range(slots))
+
     def step():
-        eng._decode(list(range(slots)))
+        eng._decode(live)
         return eng.cache
 
+    def in_place():
+        eng._decode_dense(live)
+        return eng.cache
+
+    eng.dense_decode = False
     natural_window = eng.window
     eng.window = lambda last: max_len
     contiguous = timed(step)
     eng.window = natural_window
     windowed = timed(step)
+    dense = timed(in_place)
+    # the serving mix: 4 of the rows past a 1,000-token few-shot prefix (gathered: the cost model's best split)
+    eng.host["position"][:4] = min(PREFIX_TOKENS + 30, max_len - 2 * reps - 4)
+    mixed_groups = [len(g) for g in eng._groups(live)]
+    mixed_gathered = timed(step)
+    mixed_dense = timed(in_place)
+    eng.dense_decode = True
     # a paged cache: a pool of pages and a page table per slot; every layer's K and V gathered per step
     n_pages = slots * max_len // page
     K, D = cfg.num_key_value_heads, cfg.head_dim_
@@ -181,7 +195,9 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     with_copy, without = timed(copy_prefill), timed(plain_prefill)
     kv_bytes = 2 * cfg.num_hidden_layers * slots * max_len * K * D * 4
     return {"slots": slots, "max_len": max_len, "page": page, "decode_step_contiguous_s": contiguous,
-            "decode_step_window_128_s": windowed,
+            "decode_step_window_128_s": windowed, "decode_step_in_place_s": dense,
+            "mixed_4_long_gathered_s": mixed_gathered, "mixed_4_long_gathered_calls": mixed_groups,
+            "mixed_4_long_in_place_s": mixed_dense,
             "paged_gather_overhead_per_step_s": max(0.0, gather), "prefix_copy_1000_s": max(0.0, with_copy - without),
             "kv_cache_bytes": kv_bytes}
 
@@ -481,8 +497,12 @@ def main(argv=None) -> int:
     parts = set(a.parts.split(","))
     if "layout" in parts and budget.allows("layout", 60, results):
         r = results["layout"] = bench_layout(lm, a.slots, a.max_len, reps=3)
-        print(f"layout: decode step (contiguous, {a.slots} slots x {a.max_len}) {r['decode_step_contiguous_s'] * 1e3:.1f} ms, "
-              f"over a 128-position window {r['decode_step_window_128_s'] * 1e3:.1f} ms; "
+        print(f"layout: decode step of {a.slots} short rows gathered over all {a.max_len} positions "
+              f"{r['decode_step_contiguous_s'] * 1e3:.1f} ms, gathered over a 128-position window "
+              f"{r['decode_step_window_128_s'] * 1e3:.1f} ms, in place over every slot "
+              f"{r['decode_step_in_place_s'] * 1e3:.1f} ms; with 4 rows past the 1,000-token prefix: gathered "
+              f"(calls of {r['mixed_4_long_gathered_calls']} rows) {r['mixed_4_long_gathered_s'] * 1e3:.1f} ms, in place "
+              f"{r['mixed_4_long_in_place_s'] * 1e3:.1f} ms; "
               f"a paged cache's extra gather per step {r['paged_gather_overhead_per_step_s'] * 1e3:.1f} ms; copying a cached "
               f"1,000-token prefix into a slot {r['prefix_copy_1000_s'] * 1e3:.2f} ms once per request "
               f"(load {load_average()})", flush=True)
