@@ -234,7 +234,7 @@ def bench_prefix(lm, max_len: int, reps: int = 3) -> dict:
 # ------------------------------------------------------------------------------------------ load
 def warm_up(engine) -> None:
     """Compile what the workload needs before anything is timed: every program the scheduler can pick."""
-    engine.precompile(log=lambda m: print(m, flush=True))  # every prefill and decode shape (serve --precompile)
+    engine.precompile(log=lambda m: print(m, flush=True), progress=True)  # every shape (serve --precompile)
 
 
 def free_port() -> int:

@@ -163,7 +163,7 @@ def build_service(args):
         if key not in tpl:
             raise CliError(f"{flag} must contain {key}, got {tpl[:80]!r}")
     if args.precompile:
-        engine.precompile(log=lambda m: print(m, file=sys.stderr, flush=True))
+        engine.precompile(log=lambda m: print(m, file=sys.stderr, flush=True), progress=True)
     elif not args.no_warmup:  # compile the decode steps and the smallest prefill before the first client waits
         engine.warm_up(lm.tokenizer.vocab.bos_id)
     return Service(lm, engine, options)

@@ -62,6 +62,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import sys
 import threading
 import time
 from typing import Callable
@@ -566,62 +567,84 @@ class Engine:
         short = min(PREFILL_WINDOW, self.max_len)
         return short if last_position < short else self.max_len
 
-    def precompile(self, log: Callable[[str], None] | None = None) -> int:
+    def precompile(self, log: Callable[[str], None] | None = None, progress: bool = False) -> int:
         """Compile, before any request, every program the scheduler picks in steady state: each prefill shape
         (rows bucket × length bucket within ``prefill_budget``, at both prefill windows), each gathered decode
         shape (rows bucket × window) and the in-place step, in the greedy and the top-k sampling variants
         (HF's defaults), and the prefix cache's extraction and copy at each entry length. The calls run on
-        padding rows (nothing is written that a request reads). A chunk
-        padded only to what its slot holds (a prompt filling its slot to the end) is compiled when it
-        comes. Returns the number of programs compiled."""
+        padding rows (nothing is written that a request reads). A chunk padded only to what its slot holds
+        (a prompt filling its slot to the end) is compiled when it comes. ``progress``: a tqdm bar on
+        stderr. Returns the number of programs compiled."""
         if self.has_work():
             raise ServeError("precompile runs before the engine takes requests")
         t0, n0 = time.perf_counter(), Profile.programs()
-        pad = self.slots  # a padding row's index: read from the last slot, never written
-        shapes = []
-        lengths = [P for P in (16 << i for i in range(16)) if P <= min(_pow2(self.prefill_chunk), self.max_len)]
-        for window in sorted({self.prefill_window(0), self.max_len}):
-            for P in (P for P in lengths if P <= window):
-                shapes += [(R, P, window) for R in (1 << i for i in range(16))
-                           if R <= _pow2(self.slots) and R * P <= self.prefill_budget]
-        for R, P, window in shapes:
-            z = jnp.zeros((R,), jnp.int32)
-            logits, self.cache = _prefill(self.params, self.cache, jnp.full((R,), pad, jnp.int32),
-                                          jnp.zeros((R, P), jnp.int32), z, z, cfg=self.cfg, window=window)
-        jax.block_until_ready(logits)
-        windows = sorted({self.window(p) for p in range(self.max_len)})
-        for config in (GREEDY, SamplingConfig(do_sample=True)):
-            flags = self.flags([config])
-            for R in (1 << i for i in range(16)):
-                if R > _pow2(self.slots):
-                    break
-                idx = np.full(R, pad, np.int32)
-                for window in windows:
-                    z = jnp.zeros((R,), jnp.int32)
-                    out = _decode_step(self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(idx),
-                                       z, z, z, self._row_params_for(tuple(idx.tolist())), jnp.zeros((R,), jnp.uint32),
-                                       cfg=self.cfg, flags=flags, window=window)
-                    self.cache, self.seen, self.history = out[5:]
-            if self.dense_decode:
-                B = self.slots
-                z = jnp.zeros((B,), jnp.int32)
-                out = _decode_all(self.params, self.cache, self.banned, self.seen, self.history, jnp.zeros((B,), bool),
-                                  z, jnp.full((B,), self.max_len - 1, jnp.int32), z,
-                                  self._row_params_for(tuple(range(B))), jnp.zeros((B,), jnp.uint32), cfg=self.cfg,
-                                  flags=flags)
-                self.cache, self.seen, self.history = out[5:]
-            self.run_to_completion([Request([0], 2, config)])  # the first-token program of this variant
-        if self.prefix.budget > 0:  # a prefix-cache entry's extraction and copy, at each length it can have
-            for length in sorted({min(bucket_length(n), self.max_len)
-                                  for n in range(self.prefix.block, self.max_len + 1, self.prefix.block)}):
-                entry = _extract(self.cache, jnp.int32(0), cfg=self.cfg, length=length)
-                self.cache = _copy_prefix(self.cache, jnp.int32(0), entry, cfg=self.cfg)  # slot 0 onto itself
+        tasks = self._precompile_tasks()
+        if progress:
+            from tqdm.auto import tqdm
+
+            tasks = tqdm(tasks, desc="precompiling", unit="program", file=sys.stderr)
+        for task in tasks:
+            task()
         jax.block_until_ready(self.cache)
         n = Profile.programs() - n0
         if log:
-            log(f"precompiled {n} programs ({len(shapes)} prefill shapes, decode windows {windows}) in "
-                f"{time.perf_counter() - t0:.0f} s")
+            log(f"precompiled {n} programs ({len(self._prefill_shapes())} prefill shapes, decode windows "
+                f"{self._decode_windows()}) in {time.perf_counter() - t0:.0f} s")
         return n
+
+    def _prefill_shapes(self) -> list[tuple[int, int, int]]:
+        """(rows bucket, length bucket, window) of every prefill call ``_prefill_batch`` can make."""
+        lengths = [P for P in (16 << i for i in range(16)) if P <= min(_pow2(self.prefill_chunk), self.max_len)]
+        return [(R, P, window) for window in sorted({self.prefill_window(0), self.max_len})
+                for P in lengths if P <= window
+                for R in (1 << i for i in range(16)) if R <= _pow2(self.slots) and R * P <= self.prefill_budget]
+
+    def _decode_windows(self) -> list[int]:
+        return sorted({self.window(p) for p in range(self.max_len)})
+
+    def _precompile_tasks(self) -> list[Callable[[], None]]:
+        """One call per program ``precompile`` builds, each on padding rows (index ``slots``: read from the
+        last slot, never written) or, for the in-place step, on no live row."""
+        pad, B = self.slots, self.slots
+        tasks = []
+
+        def prefill(R, P, window):
+            z = jnp.zeros((R,), jnp.int32)
+            _, self.cache = _prefill(self.params, self.cache, jnp.full((R,), pad, jnp.int32),
+                                     jnp.zeros((R, P), jnp.int32), z, z, cfg=self.cfg, window=window)
+
+        def gathered(R, window, flags):
+            idx, z = np.full(R, pad, np.int32), jnp.zeros((R,), jnp.int32)
+            out = _decode_step(self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(idx), z, z,
+                               z, self._row_params_for(tuple(idx.tolist())), jnp.zeros((R,), jnp.uint32),
+                               cfg=self.cfg, flags=flags, window=window)
+            self.cache, self.seen, self.history = out[5:]
+
+        def in_place(flags):
+            z = jnp.zeros((B,), jnp.int32)
+            out = _decode_all(self.params, self.cache, self.banned, self.seen, self.history, jnp.zeros((B,), bool),
+                              z, jnp.full((B,), self.max_len - 1, jnp.int32), z, self._row_params_for(tuple(range(B))),
+                              jnp.zeros((B,), jnp.uint32), cfg=self.cfg, flags=flags)
+            self.cache, self.seen, self.history = out[5:]
+
+        def prefix_entry(length):  # a prefix-cache entry's extraction and its copy into a slot (0 onto itself)
+            entry = _extract(self.cache, jnp.int32(0), cfg=self.cfg, length=length)
+            self.cache = _copy_prefix(self.cache, jnp.int32(0), entry, cfg=self.cfg)
+
+        tasks += [functools.partial(prefill, *shape) for shape in self._prefill_shapes()]
+        for config in (GREEDY, SamplingConfig(do_sample=True)):
+            flags = self.flags([config])
+            tasks += [functools.partial(gathered, R, window, flags) for R in (1 << i for i in range(16))
+                      if R <= _pow2(self.slots) for window in self._decode_windows()]
+            if self.dense_decode:
+                tasks.append(functools.partial(in_place, flags))
+            # the first-token program of this variant
+            tasks.append(functools.partial(self.run_to_completion, [Request([0], 2, config)]))
+        if self.prefix.budget > 0:
+            lengths = {min(bucket_length(n), self.max_len) for n in range(self.prefix.block, self.max_len + 1,
+                                                                          self.prefix.block)}
+            tasks += [functools.partial(prefix_entry, length) for length in sorted(lengths)]
+        return tasks
 
     # ---------------------------------------------------------------------------------- checks
     def check(self, req: Request) -> None:
