@@ -17,9 +17,10 @@
     call), so a step with 3 short live slots runs a batch of 4 over a 128-position window;
   - *in place* (``_decode_all``): every slot, free and prefilling ones included, on the cache where it lies,
     over all ``max_len`` positions: no copy at all (XLA:CPU's dots read a whole cache leaf in place at
-    ~22 GB/s, while a gathered window's copy ran at 1.3-4.6 GB/s). At 135 M with 16 slots × 1,152, a step
-    of 12 short rows and 4 rows past a 1,000-token few-shot prefix took 196 ms gathered (two calls) and
-    109 ms in place; 16 short rows 96 ms gathered, 92-102 ms in place.
+    ~22 GB/s, while a gathered window's copy ran at 1.3-4.6 GB/s: ``bench/kv_read_bench.py``). At 135 M
+    with 16 slots × 1,152, a step of 12 short rows and 4 rows past a 1,000-token few-shot prefix took
+    249 ms gathered (two calls) and 120 ms in place; 16 short rows 82 ms gathered (at the 128 window) and
+    138 ms in place (``bench/serve_bench.py --parts layout``, bench/RESULTS.md session 7).
 * **Sampling: the offline processors.** Logits go through ``infer/processors.py`` (HF's processors and
   warpers with per-row (B,) parameters: the same code as ``infer.engine.generate``), so every option of a
   :class:`SamplingConfig` (repetition penalty, no-repeat n-grams, bad words, min lengths, temperature, top-k,
