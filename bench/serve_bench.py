@@ -375,8 +375,8 @@ def run_clients(base: str, items: list[dict], clients: int, rate_per_client: flo
 
 class ClientProcess:
     """The clients run in their own process, as real clients do (and as vLLM's serving benchmark does): 16
-    client threads parsing SSE beside the server in one process held its GIL for ~25 ms of every decode
-    step's dispatch (1.7 ms with the clients away)."""
+    client threads parsing SSE beside the server in one process held its GIL: the 16-client row's decode
+    dispatch took 27 ms per step, 4 ms with the clients in their own process (bench/RESULTS.md session 7)."""
 
     def __init__(self):
         import concurrent.futures
@@ -517,9 +517,9 @@ def main(argv=None) -> int:
         base, server, thread, service = start_server(lm, a.slots, a.max_len)
         clients_process = ClientProcess()
         # warm-up (not recorded): the workload's shape at 16 clients with other prompts, until a pass compiles
-        # nothing new (at most --warmup-passes): compiles the prefill and decode shapes (rows bucket x length x
-        # window) that Poisson arrivals make, and caches the shared prefix, so the rows measure a server in its
-        # steady state (each row still reports the programs it compiled: "new_programs")
+        # nothing new (at most --warmup-passes): caches the shared prefix and compiles what precompile does not
+        # cover (other processor variants), so the rows measure a server in its steady state (each row still
+        # reports the programs it compiled: "new_programs")
         for p in range(a.warmup_passes):
             before = service.engine.profile.programs()
             clients_process.run(base, workload(16, seed=999 - p, max_tokens=a.max_tokens, shared_prefix=shared), 16, a.rate,

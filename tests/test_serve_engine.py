@@ -125,8 +125,6 @@ def test_in_place_step_over_every_slot_equals_offline_while_other_slots_prefill(
 def test_cost_model_picks_the_in_place_step_for_mixed_long_rows(lm):
     """A few long rows among short ones: one in-place call over every slot beats gathered windows (which copy
     GATHER_COST times the bytes); short rows alone keep the gathered call over their small window."""
-    from spiritlm_jax.serve import engine as engine_module
-
     engine = Engine(lm.cfg, lm.params, slots=16, max_len=1152, eos_id=2)
     engine._weight_bytes = 540 * 2 ** 20  # the 135 M model's fp32 weights (the tiny model's are negligible)
     live = list(range(16))
@@ -134,7 +132,6 @@ def test_cost_model_picks_the_in_place_step_for_mixed_long_rows(lm):
     assert engine._groups(live) == [sorted(live)]
     engine.host["position"][:4] = 1030
     assert engine._groups(live) is None
-    assert engine_module.GATHER_COST > 1
     assert Engine(lm.cfg, lm.params, slots=16, max_len=1152, eos_id=2, dense_decode=False)._groups(live) is not None
 
 
