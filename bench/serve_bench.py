@@ -8,6 +8,7 @@ Parts (all by default; each bounded in requests and time, stopping by itself):
   layout  one decode step over a contiguous per-slot cache vs the same step gathering a paged cache
           through a page table (jnp.take, what a paged layout without a custom kernel costs on CPU), and
           the one-off cost of copying a cached 1,000-token prefix into a slot row.
+  prefill what one prefill call costs by rows x length: the fixed cost per call, in tokens of compute.
   prefix  time to first token of a request whose 1,000-token prefix is cached vs cold (target ≤ 20%).
   audio   one speech-out request alone, streamed: time to first audio vs time to its last sample (target
           <= 25% for a >= 5 s output).
@@ -200,6 +201,50 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
             "mixed_4_long_in_place_s": mixed_dense,
             "paged_gather_overhead_per_step_s": max(0.0, gather), "prefix_copy_1000_s": max(0.0, with_copy - without),
             "kv_cache_bytes": kv_bytes}
+
+
+# ------------------------------------------------------------------------------------------ prefill
+PREFILL_SHAPES = ((1, 32), (1, 128), (1, 256), (2, 128), (4, 64), (4, 256))  # (rows, padded length)
+
+
+def bench_prefill(lm, slots: int, max_len: int, reps: int = 3) -> dict:
+    """What a prefill call costs by shape, fitted as ``seconds = per_call + per_token × rows × length``:
+    ``per_call / per_token`` is the call's fixed cost in tokens (the engine's PREFILL_CALL_COST)."""
+    import jax
+    import jax.numpy as jnp
+
+    from spiritlm_jax.serve.engine import PREFILL_WINDOW, Engine, _prefill
+
+    eng = Engine(lm.cfg, lm.params, slots=slots, max_len=max_len)
+    times = {}
+    for R, P in PREFILL_SHAPES:
+        idx, z = jnp.arange(R, dtype=jnp.int32), jnp.zeros((R,), jnp.int32)
+        tokens = jnp.ones((R, P), jnp.int32)
+
+        def call():
+            logits, eng.cache = _prefill(lm.params, eng.cache, idx, tokens, z, z + P - 1, cfg=lm.cfg,
+                                         window=PREFILL_WINDOW)
+            return jax.block_until_ready(logits)
+
+        call()  # compile
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
+        times[f"{R}x{P}"] = best
+    padded = np.array([R * P for R, P in PREFILL_SHAPES], float)
+    per_token, per_call = np.polyfit(padded, np.array(list(times.values())), 1)
+    return {"seconds_by_rows_x_length": times, "per_call_s": float(per_call), "per_token_s": float(per_token),
+            "call_cost_tokens": float(per_call / per_token),
+            "gflops_per_s_at_1024": float(2 * layer_params(lm) * 1024 / times["4x256"] / 1e9)}
+
+
+def layer_params(lm) -> int:
+    """The weights a prefill token multiplies (the layers; the LM head runs at one position per row)."""
+    import jax
+
+    return sum(x.size for k, v in lm.params.items() if k.startswith("layers") for x in jax.tree.leaves(v))
 
 
 # ------------------------------------------------------------------------------------------ prefix
@@ -461,8 +506,9 @@ class Budget:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="layout,prefix,audio,load,sequential,hf,oneslot",
-                    help="layout, prefix, audio (one speech request alone), load (the client rows), sequential "
+    ap.add_argument("--parts", default="layout,prefill,prefix,audio,load,sequential,hf,oneslot",
+                    help="layout, prefill (a prefill call's cost by shape), prefix, audio (one speech request "
+                         "alone), load (the client rows), sequential "
                          "(one at a time through the server), hf, oneslot (one at a time through a one-slot engine)")
     ap.add_argument("--clients", default="1,4,16,32")
     ap.add_argument("--slots", type=int, default=16)
@@ -505,6 +551,13 @@ def main(argv=None) -> int:
               f"{r['mixed_4_long_in_place_s'] * 1e3:.1f} ms; "
               f"a paged cache's extra gather per step {r['paged_gather_overhead_per_step_s'] * 1e3:.1f} ms; copying a cached "
               f"1,000-token prefix into a slot {r['prefix_copy_1000_s'] * 1e3:.2f} ms once per request "
+              f"(load {load_average()})", flush=True)
+    if "prefill" in parts and budget.allows("prefill", 90, results):
+        r = results["prefill"] = bench_prefill(lm, a.slots, a.max_len)
+        print("prefill: best of 3 by rows x length " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in
+                                                          r["seconds_by_rows_x_length"].items())
+              + f"; fit: {r['per_call_s'] * 1e3:.1f} ms per call + {r['per_token_s'] * 1e3:.2f} ms per padded token "
+              f"= a call costs {r['call_cost_tokens']:.0f} tokens; 4 x 256 at {r['gflops_per_s_at_1024']:.0f} GFLOP/s "
               f"(load {load_average()})", flush=True)
     if "prefix" in parts and budget.allows("prefix", 60, results):
         r = results["prefix"] = bench_prefix(lm, a.max_len)

@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
                    help="before serving, compile every prefill and decode shape the scheduler can pick (rows x "
                         "length x attention window; greedy and top-k sampling), so no request waits on a compile: "
                         "steady-state latency from the first request, at the price of a longer start (135 M, 16 "
-                        "slots x 1,152 positions on 2 CPU cores: 130 programs, 7 minutes)")
+                        "slots x 1,152 positions on 2 CPU cores: 156 programs, 7 minutes)")
     g = p.add_argument_group("speech")
     g.add_argument("--shots", default=None, help="few-shot examples for transcription/speech prompts (JSONL)")
     g.add_argument("--n-shot", type=int, default=None, help="use only the first N shots (default: all)")

@@ -6,9 +6,10 @@
   the first ``window`` positions only, runs the model on that small cache and writes back what it wrote.
   A finished or cancelled slot is free at the next scheduler iteration; the lowest free slot is used first.
 * **Batched, chunked prefill.** Each scheduler iteration prefills a chunk (≤ ``prefill_chunk`` tokens) of
-  every admitted prompt in as few calls as the budget allows: rows × padded length ≤ ``prefill_budget``,
-  one call per attention window in use (a short prompt never reads a long one's window). A long few-shot
-  prompt therefore stalls the decoding slots for one chunk at a time, not for its whole prefill.
+  every admitted prompt, up to ``prefill_budget`` padded tokens (rows bucket × length). A call batches pieces
+  of about the same length and the same attention window (a short prompt never reads a long one's window):
+  ``_prefill_batch`` weighs padding against one more call. A long few-shot prompt therefore stalls the
+  decoding slots for one chunk at a time, not for its whole prefill.
 * **Decode: in place, or grouped by window.** ONE compiled decode step advances a group of slots, each at its
   own position, with its own generation options, ban mask (output modality) and token history. Two forms,
   chosen per step by what they read (``_groups``):
@@ -53,7 +54,7 @@
   dominates — hence the window, and the grouping above.
 * **Compiled programs.** Every call shape is bucketed (rows, prefill length, attention window; two prefill
   windows), so the set of programs is finite; ``precompile`` (``serve --precompile``) builds all of them
-  up front (130 at 135 M with 16 slots × 1,152: 7 minutes on 2 CPU cores), otherwise a request that needs a
+  up front (156 at 135 M with 16 slots × 1,152: 7 minutes on 2 CPU cores), otherwise a request that needs a
   new shape waits for its compile (1.8-7.4 s per prefill program at 135 M here).
 * **Scheduling.** First come, first served: before each decode step every free slot is filled from the queue
   and one budget of prefill runs (the lowest time to first token; the decoding slots wait one budget).
@@ -95,6 +96,13 @@ PREFILL_BUDGET = 1024  # padded tokens (rows bucket × length bucket) of one bat
 # with malloc huge pages, serve's default, and 16 without; 5 keeps the in-place call for mixed long rows).
 GATHER_COST = 5
 PREFILL_WINDOW = 256  # a prefill call attends over these positions while its rows end below them, else max_len
+# A prefill call's length is ``bucket_length(piece, PREFILL_BUCKET)``: multiples of 32 up to 256 (the one
+# bucketing rule, spiritlm_jax/buckets.py, at base 32: under 32 padded tokens per row, 8 lengths to compile).
+PREFILL_BUCKET = 32
+# What one prefill call costs beyond its padded tokens, in tokens of compute (the weights read once and the
+# dispatch); the batch chooser (``Engine._prefill_batch``) trades padding rows against extra calls with it.
+# Measured at 135 M (bench/serve_bench.py --parts prefill): 38.6 ms per call + 1.09 ms per padded token.
+PREFILL_CALL_COST = 36
 
 
 class ServeError(ValueError):
@@ -496,6 +504,8 @@ class Engine:
             raise ServeError(f"prefill_chunk must be ≥ 16 and prefill_budget ≥ prefill_chunk, got {prefill_chunk} "
                              f"and {prefill_budget}")
         self.prefill_chunk, self.prefill_budget = int(prefill_chunk), int(prefill_budget)
+        self._chunk_cap = -(-self.prefill_chunk // 16) * 16  # the longest prefill call: the chunk, to a multiple of 16
+        self.prefill_call_cost = PREFILL_CALL_COST  # tokens; what ``_prefill_batch`` weighs padding against
         self.dense_decode = bool(dense_decode)  # allow the in-place step over every slot (see ``_groups``)
         self._build_state()
         # the decode grouping's cost model (bytes a step reads): the weights once per call, the KV per row-position
@@ -599,10 +609,14 @@ class Engine:
 
     def _prefill_shapes(self) -> list[tuple[int, int, int]]:
         """(rows bucket, length bucket, window) of every prefill call ``_prefill_batch`` can make."""
-        lengths = [P for P in (16 << i for i in range(16)) if P <= min(_pow2(self.prefill_chunk), self.max_len)]
+        lengths = [P for P in self._prefill_lengths() if P <= self.max_len]
         return [(R, P, window) for window in sorted({self.prefill_window(0), self.max_len})
                 for P in lengths if P <= window
                 for R in (1 << i for i in range(16)) if R <= _pow2(self.slots) and R * P <= self.prefill_budget]
+
+    def _prefill_lengths(self) -> list[int]:
+        """Every padded length ``_prefill_length`` gives (8 at the default chunk of 256)."""
+        return sorted({self._prefill_length(n) for n in range(1, self.prefill_chunk + 1)})
 
     def _decode_windows(self) -> list[int]:
         return sorted({self.window(p) for p in range(self.max_len)})
@@ -780,33 +794,44 @@ class Engine:
                 self._slots[free] = _Slot()
                 self._report_finish(req, "error", e)
 
-    def _prefill_batch(self, skip: set[int]) -> tuple[list[int], int]:
-        """The prefilling slots (not in ``skip``) of the next prefill call and its length P: longest chunk first
-        (≤ ``prefill_chunk`` tokens each), P a power of two ≥ 16 (few compiled shapes), while
-        rows bucket × P ≤ ``prefill_budget``, every row's start + P fits its slot and its attention window is
-        the first row's (a short prompt is not made to read a long row's window; it goes in the next call)."""
-        def key(i):  # longest chunk first, then first come: calls of similar lengths pad least (no row starves:
-            # the rows ahead of it hold slots and leave prefill after their last chunk)
-            s = self._slots[i]
-            return -_pow2(min(len(s.request.prompt) - s.filled, self.prefill_chunk)), s.order
+    def _piece(self, i: int) -> int:
+        """The prompt tokens slot ``i`` prefills in its next call (at most ``prefill_chunk``)."""
+        s = self._slots[i]
+        return min(len(s.request.prompt) - s.filled, self.prefill_chunk)
 
+    def _prefill_length(self, piece: int) -> int:
+        """The padded length of a prefill call for a piece of ``piece`` tokens (one of ``_prefill_lengths``)."""
+        return min(bucket_length(piece, PREFILL_BUCKET), self._chunk_cap)
+
+    def _prefill_batch(self, skip: set[int]) -> tuple[list[int], int]:
+        """The prefilling slots (not in ``skip``) of the next prefill call and its length P.
+
+        The longest piece (first come among equals) sets P (``_prefill_length``; near the end of its slot P is
+        only what the slot holds) and the attention window. Rows whose piece fits in P, whose slot holds P more
+        positions and whose window is the same may join, longest first: the call takes the first m of them that
+        make the most prompt tokens per unit of cost, ``Σ pieces / (rows bucket(m) × P + prefill_call_cost)``,
+        within ``prefill_budget``. So a 256-token chunk is not batched with three 32-token prompts (1,024 padded
+        tokens for 352), and four 64-token prompts are (256 for 256); the rest go in the next calls."""
         waiting = sorted((i for i, s in enumerate(self._slots)
-                          if s.request is not None and s.filled is not None and i not in skip), key=key)
-        rows, P, window = [], 0, 0
-        for i in waiting:
-            s = self._slots[i]
-            piece = min(len(s.request.prompt) - s.filled, self.prefill_chunk)
-            p = max(P, 16, _pow2(piece))
-            if not rows:  # near the end of its slot a prompt is padded only to what the slot holds
-                p = min(p, self.max_len - s.filled)
-                window = self.prefill_window(s.filled + p - 1)
-            elif (_pow2(len(rows) + 1) * p > self.prefill_budget or piece > p
-                  or any(self._slots[j].filled + p > self.max_len for j in rows + [i])
-                  or any(self.prefill_window(self._slots[j].filled + p - 1) != window for j in rows + [i])):
-                continue
-            rows.append(i)
-            P = p
-        return rows, P
+                          if s.request is not None and s.filled is not None and i not in skip),
+                         key=lambda i: (-self._prefill_length(self._piece(i)), self._slots[i].order))
+        if not waiting:
+            return [], 0
+        first = self._slots[waiting[0]].filled
+        P = min(self._prefill_length(self._piece(waiting[0])), self.max_len - first)
+        window = self.prefill_window(first + P - 1)
+        fits = [i for i in waiting if self._piece(i) <= P and self._slots[i].filled + P <= self.max_len
+                and self.prefill_window(self._slots[i].filled + P - 1) == window]
+        best, best_rate, tokens = 1, 0.0, 0
+        for m, i in enumerate(fits, start=1):
+            R = _pow2(m)
+            if R > _pow2(self.slots) or (m > 1 and R * P > self.prefill_budget):
+                break
+            tokens += self._piece(i)
+            rate = tokens / (R * P + self.prefill_call_cost)
+            if rate >= best_rate:  # ties: fewer calls
+                best, best_rate = m, rate
+        return fits[:best], P
 
     def _prefill(self) -> None:
         """Prefill calls (one per attention window in use) until every prefilling slot had one chunk or
@@ -828,8 +853,7 @@ class Engine:
         start, last = np.zeros(R, np.int32), np.zeros(R, np.int32)
         pieces = []
         for r, i in enumerate(rows):
-            s = self._slots[i]
-            piece = min(len(s.request.prompt) - s.filled, self.prefill_chunk)
+            s, piece = self._slots[i], self._piece(i)
             idx[r], start[r], last[r] = i, s.filled, piece - 1
             tokens[r, :piece] = s.request.prompt[s.filled:s.filled + piece]
             pieces.append(piece)

@@ -65,6 +65,8 @@ def test_greedy_equals_offline_generate_with_random_arrivals_and_sampling_neighb
     # weights that cost nothing in the grouping's cost model: every decode step splits its rows by window (at
     # the tiny model's real sizes one call is cheaper, as it is for the 135 M model without long rows)
     engine._weight_bytes = 0
+    # and prefill calls that cost so much that rows always share one (the default weighs padding against calls)
+    engine.prefill_call_cost = 10 ** 6
     greedy = [Request(p, n_new, c) for p, c in zip(greedy_prompts, configs)]
     noise = [Request([1] + rng.integers(3, V, size=9).tolist(), int(rng.integers(5, 30)),
                      SamplingConfig(do_sample=True, temperature=1.3, top_p=0.8, repetition_penalty=1.2), seed=i)
@@ -120,6 +122,22 @@ def test_in_place_step_over_every_slot_equals_offline_while_other_slots_prefill(
     calls = [shape for step in engine.profile.steps_by_shape for shape in step]
     assert calls and all(rows == SLOTS and window == MAX_LEN for rows, _, window in calls), engine.profile.summary()
     assert any(live < SLOTS for _, live, _ in calls)  # steps with free or prefilling slots beside the live ones
+
+
+def test_prefill_batches_pieces_of_like_length_and_weighs_padding_against_calls(lm):
+    """One long and three short prompts admitted together: the long piece is not batched with the short ones
+    (the former rule padded all four to its length: one 4 x 128 call for 180 tokens), the short ones go two in
+    one call and one alone (rows bucket x length, PREFILL_CALL_COST per call); each output is still exact."""
+    rng = np.random.default_rng(3)
+    V = lm.cfg.vocab_size
+    prompts = [[1] + rng.integers(3, V, size=n - 1).tolist() for n in (120, 20, 20, 20)]
+    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefill_chunk=128,
+                    prefill_budget=512)
+    requests = [Request(p, 4) for p in prompts]
+    outputs = _collect(engine, [(0, r) for r in requests])
+    window = MAX_LEN  # every row ends below PREFILL_WINDOW = 256 = max_len
+    assert dict(engine.profile.prefill_shapes) == {(1, 128, window): 1, (2, 64, window): 1, (1, 32, window): 1}
+    assert outputs == [_offline(lm, p, 4) for p in prompts]
 
 
 def test_cost_model_picks_the_in_place_step_for_mixed_long_rows(lm):
