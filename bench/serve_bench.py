@@ -101,8 +101,10 @@ def build_model(seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------ layout
-def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) -> dict:
-    """Decode step (contiguous cache) vs the same cache read through a page table, + prefix copy cost."""
+def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5, short_slots: int = 12,
+                 short_len: int = 256) -> dict:
+    """Decode step (contiguous cache) vs the same cache read through a page table, the in-place step with
+    ``short_slots`` of ``short_len`` positions, + prefix copy cost."""
     import jax
     import jax.numpy as jnp
 
@@ -131,15 +133,15 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
 
     def step():
         eng._decode(live)
-        return eng.cache
+        return eng.caches[0]
 
     def in_place():
         eng._decode_dense(live)
-        return eng.cache
+        return eng.caches[0]
 
     eng.dense_decode = False
     natural_window = eng.window
-    eng.window = lambda last: max_len
+    eng.window = lambda last, length=None: max_len
     contiguous = timed(step)
     eng.window = natural_window
     windowed = timed(step)
@@ -150,6 +152,19 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     mixed_gathered = timed(step)
     mixed_dense = timed(in_place)
     eng.dense_decode = True
+    # the same mix with short slots: the 4 long rows in the long tier, the 12 short ones in short slots
+    tiered = Engine(cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1, prefix_cache_mb=0,
+                    short_slots=short_slots, short_len=short_len)
+    for i in range(slots):
+        tiered.submit(Request([1] * 8, (max_len if i < slots - short_slots else short_len) - 8))
+    tiered.step()
+    tiered.host["position"][:slots - short_slots] = eng.host["position"][0]
+
+    def tiered_in_place():
+        tiered._decode_dense(live)
+        return tiered.caches
+    mixed_tiered = timed(tiered_in_place)
+    del tiered
     # a paged cache: a pool of pages and a page table per slot; every layer's K and V gathered per step
     n_pages = slots * max_len // page
     K, D = cfg.num_key_value_heads, cfg.head_dim_
@@ -179,18 +194,18 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
 
     gather = timed(gather_all_layers, pool, table) - timed(read_contiguous, jnp.zeros((slots, max_len, K, D)))
     # one-off prefix copy: a 1,000-token entry written into a slot row (what the prefix cache costs)
-    entry = _extract(eng.cache, jnp.int32(0), cfg=cfg, length=min(1024, max_len))
+    entry = _extract(eng.caches[0], jnp.int32(0), cfg=cfg, length=min(1024, max_len))
     tokens = jnp.zeros((1, 16), jnp.int32)
     row, start, last = jnp.zeros(1, jnp.int32), jnp.full(1, PREFIX_TOKENS, jnp.int32), jnp.full(1, 15, jnp.int32)
     window = eng.window(PREFIX_TOKENS + 15)
 
     def copy_prefill():
-        eng.cache = _copy_prefix(eng.cache, jnp.int32(0), entry, cfg=cfg)
-        logits, eng.cache = _prefill(lm.params, eng.cache, row, tokens, start, last, cfg=cfg, window=window)
+        eng.caches[0] = _copy_prefix(eng.caches[0], jnp.int32(0), entry, cfg=cfg)
+        logits, eng.caches[0] = _prefill(lm.params, eng.caches[0], row, tokens, start, last, cfg=cfg, window=window)
         return logits
 
     def plain_prefill():
-        logits, eng.cache = _prefill(lm.params, eng.cache, row, tokens, start, last, cfg=cfg, window=window)
+        logits, eng.caches[0] = _prefill(lm.params, eng.caches[0], row, tokens, start, last, cfg=cfg, window=window)
         return logits
 
     with_copy, without = timed(copy_prefill), timed(plain_prefill)
@@ -198,7 +213,8 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5) ->
     return {"slots": slots, "max_len": max_len, "page": page, "decode_step_contiguous_s": contiguous,
             "decode_step_window_128_s": windowed, "decode_step_in_place_s": dense,
             "mixed_4_long_gathered_s": mixed_gathered, "mixed_4_long_gathered_calls": mixed_groups,
-            "mixed_4_long_in_place_s": mixed_dense,
+            "mixed_4_long_in_place_s": mixed_dense, "short_slots": short_slots, "short_len": short_len,
+            "mixed_4_long_in_place_short_slots_s": mixed_tiered,
             "paged_gather_overhead_per_step_s": max(0.0, gather), "prefix_copy_1000_s": max(0.0, with_copy - without),
             "kv_cache_bytes": kv_bytes}
 
@@ -222,7 +238,7 @@ def bench_prefill(lm, slots: int, max_len: int, reps: int = 3) -> dict:
         tokens = jnp.ones((R, P), jnp.int32)
 
         def call():
-            logits, eng.cache = _prefill(lm.params, eng.cache, idx, tokens, z, z + P - 1, cfg=lm.cfg,
+            logits, eng.caches[0] = _prefill(lm.params, eng.caches[0], idx, tokens, z, z + P - 1, cfg=lm.cfg,
                                          window=PREFILL_WINDOW)
             return jax.block_until_ready(logits)
 
@@ -288,13 +304,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(lm, slots: int, max_len: int):
+def start_server(lm, slots: int, max_len: int, short_slots: int = 0, short_len: int = 256):
     import uvicorn
 
     from spiritlm_jax.serve.app import Service, ServeOptions, build_app
     from spiritlm_jax.serve.engine import Engine, Request
 
-    engine = Engine(lm.cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1)
+    engine = Engine(lm.cfg, lm.params, slots=slots, max_len=max_len, eos_id=-1, short_slots=short_slots,
+                    short_len=short_len)
     warm_up(engine)
     service = Service(lm, engine, ServeOptions(model_name="bench", audio_chunk_frames=16))
     port = free_port()
@@ -513,6 +530,10 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default="1,4,16,32")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=1152)
+    ap.add_argument("--short-slots", type=int, default=None, help="of the slots, this many hold only --short-len "
+                    "positions (serve --short-slots; default: three quarters, 12 of 16, as the mix is 75%% short "
+                    "requests; 0: every slot holds --max-len)")
+    ap.add_argument("--short-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=8, help="requests per client count (at least the clients)")
     ap.add_argument("--sequential-requests", type=int, default=8)
@@ -531,6 +552,8 @@ def main(argv=None) -> int:
     if a.quick:
         a.clients, a.requests, a.hf_requests, a.sequential_requests = "1,4", 4, 0, 4
     budget = Budget(a.budget)
+    if a.short_slots is None:
+        a.short_slots = a.slots * 3 // 4
 
     import jax
 
@@ -539,16 +562,20 @@ def main(argv=None) -> int:
                "load_average_start": load_average(), "budget_s": a.budget}
     print(f"machine: {results['machine']}; load average {results['load_average_start']}", flush=True)
     lm, hf, n_params = build_tiny() if a.tiny else build_model()
-    print(f"model: {n_params / 1e6:.1f} M params, slots {a.slots} x {a.max_len} positions", flush=True)
+    results["slots"] = {"slots": a.slots, "max_len": a.max_len, "short_slots": a.short_slots, "short_len": a.short_len}
+    print(f"model: {n_params / 1e6:.1f} M params, slots {a.slots} x {a.max_len} positions, of which "
+          f"{a.short_slots} hold only {a.short_len}", flush=True)
     parts = set(a.parts.split(","))
     if "layout" in parts and budget.allows("layout", 60, results):
-        r = results["layout"] = bench_layout(lm, a.slots, a.max_len, reps=3)
+        r = results["layout"] = bench_layout(lm, a.slots, a.max_len, reps=3,
+                                             short_slots=a.short_slots or a.slots * 3 // 4, short_len=a.short_len)
         print(f"layout: decode step of {a.slots} short rows gathered over all {a.max_len} positions "
               f"{r['decode_step_contiguous_s'] * 1e3:.1f} ms, gathered over a 128-position window "
               f"{r['decode_step_window_128_s'] * 1e3:.1f} ms, in place over every slot "
               f"{r['decode_step_in_place_s'] * 1e3:.1f} ms; with 4 rows past the 1,000-token prefix: gathered "
               f"(calls of {r['mixed_4_long_gathered_calls']} rows) {r['mixed_4_long_gathered_s'] * 1e3:.1f} ms, in place "
-              f"{r['mixed_4_long_in_place_s'] * 1e3:.1f} ms; "
+              f"{r['mixed_4_long_in_place_s'] * 1e3:.1f} ms, in place with {r['short_slots']} short slots of "
+              f"{r['short_len']} {r['mixed_4_long_in_place_short_slots_s'] * 1e3:.1f} ms; "
               f"a paged cache's extra gather per step {r['paged_gather_overhead_per_step_s'] * 1e3:.1f} ms; copying a cached "
               f"1,000-token prefix into a slot {r['prefix_copy_1000_s'] * 1e3:.2f} ms once per request "
               f"(load {load_average()})", flush=True)
@@ -567,7 +594,7 @@ def main(argv=None) -> int:
     seq_items = workload(a.sequential_requests, seed=16, max_tokens=a.max_tokens, shared_prefix=shared)
     load = results["load"] = {"rows": []}
     if parts & {"audio", "load", "sequential"} and budget.allows("load", 120, results):
-        base, server, thread, service = start_server(lm, a.slots, a.max_len)
+        base, server, thread, service = start_server(lm, a.slots, a.max_len, a.short_slots, a.short_len)
         clients_process = ClientProcess()
         # warm-up (not recorded): the workload's shape at 16 clients with other prompts, until a pass compiles
         # nothing new (at most --warmup-passes): caches the shared prefix and compiles what precompile does not

@@ -39,6 +39,13 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--slots", type=int, default=8, help="concurrent decode slots (default 8)")
     g.add_argument("--max-len", type=int, default=2048, help="positions per slot: prompt + max_tokens (default 2048)")
+    g.add_argument("--short-slots", type=int, default=0, metavar="N",
+                   help="of the --slots, N hold only --short-len positions (default 0: every slot holds --max-len). "
+                        "A request goes to the shortest free slot that holds its prompt + max_tokens, and a decode "
+                        "step reads each slot's own length, so short chats beside a few long few-shot prompts cost "
+                        "what they hold (135 M, 16 slots: 4 x 1,152 + 12 x 256 positions read per step instead "
+                        "of 16 x 1,152; bench/RESULTS.md)")
+    g.add_argument("--short-len", type=int, default=256, help="positions of a short slot (default 256)")
     g.add_argument("--prefix-cache-mb", type=float, default=256.0, help="device memory for cached prefixes (0 = off)")
     g.add_argument("--prefix-block", type=int, default=16, help="prefix-cache block size in tokens (default 16)")
     g.add_argument("--no-warmup", action="store_true", help="skip compiling the decode step before serving")
@@ -121,7 +128,7 @@ def build_service(args):
     from spiritlm_jax.spiritlm import SpiritLM
 
     from .app import Service, ServeOptions
-    from .engine import Engine
+    from .engine import Engine, ServeError
 
     if args.slots < 1:
         raise CliError(f"--slots must be ≥ 1, got {args.slots}")
@@ -144,8 +151,15 @@ def build_service(args):
         n = mesh.shape["data"] * mesh.shape["fsdp"]
         if args.slots % n:
             raise CliError(f"--slots {args.slots} must be a multiple of the mesh's batch size {n} (data × fsdp)")
-    engine = Engine(lm.cfg, lm.params, slots=args.slots, max_len=args.max_len, eos_id=lm.tokenizer.vocab.eos_id,
-                    mesh=mesh, prefix_block=args.prefix_block, prefix_cache_mb=args.prefix_cache_mb)
+        if args.short_slots % n:
+            raise CliError(f"--short-slots {args.short_slots} must be a multiple of the mesh's batch size {n} "
+                           f"(data × fsdp): each tier of slots is sharded over it")
+    try:
+        engine = Engine(lm.cfg, lm.params, slots=args.slots, max_len=args.max_len, eos_id=lm.tokenizer.vocab.eos_id,
+                        mesh=mesh, prefix_block=args.prefix_block, prefix_cache_mb=args.prefix_cache_mb,
+                        short_slots=args.short_slots, short_len=args.short_len)
+    except ServeError as e:  # the engine's options (--short-slots, --short-len), in its words
+        raise CliError(f"{e} (--slots / --max-len / --short-slots / --short-len)") from None
     name = args.served_model_name or Path(args.model).name
     options = ServeOptions(model_name=name, api_key=args.api_key or None, max_body_bytes=int(args.max_body_mb * 2 ** 20),
                            max_audio_seconds=args.max_audio_seconds, audio_chunk_frames=args.audio_chunk_frames)
@@ -195,7 +209,8 @@ def run(args) -> int:
     server = uvicorn.Server(config)
     _exit_quietly_after_drain()
     e = service.engine
-    print(f"serving {service.options.model_name!r} on http://{args.host}:{args.port} ({e.slots} slots × {e.max_len} "
+    layout = " + ".join(f"{t.slots} × {t.length}" for t in e.tiers)
+    print(f"serving {service.options.model_name!r} on http://{args.host}:{args.port} ({e.slots} slots: {layout} "
           f"positions{', auth on' if args.api_key else ''})", file=sys.stderr, flush=True)
     server.run()
     return 0

@@ -82,7 +82,7 @@ from spiritlm_jax.config import LlamaConfig
 from spiritlm_jax.buckets import bucket_length
 from spiritlm_jax.infer import processors
 from spiritlm_jax.infer.processors import GenerationError, ProcessorFlags, SamplingConfig, StepState
-from spiritlm_jax.models.llama import cache_length, cache_logical_axes, init_cache
+from spiritlm_jax.models.llama import cache_logical_axes, init_cache, tiered_cache
 from spiritlm_jax.models.quantization import llama_module
 
 TOP_LOGPROBS = 5  # the most OpenAI's completions API returns per position
@@ -104,6 +104,7 @@ PREFILL_BUCKET = 32
 # Measured at 135 M (bench/serve_bench.py --parts prefill): 38.6 ms per call + 1.09 ms per padded token
 # (36 tokens) without malloc huge pages, 31.5 + 1.16 (27 tokens) with them.
 PREFILL_CALL_COST = 36
+SHORT_LEN = 256  # positions of a short slot (``short_slots``): a text prompt of ≤ 200 tokens and its answer
 
 
 class ServeError(ValueError):
@@ -285,13 +286,15 @@ def _write_rows(cache, view, idx, start, length: int, cfg: LlamaConfig, logits):
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0,))
 def _copy_prefix(cache, slot, prefix, *, cfg: LlamaConfig):
-    """Copy a cached prefix's KV (batch 1, its own static length) into the first positions of row ``slot``."""
+    """Copy a cached prefix's KV (batch 1, its own static length) into the first positions of row ``slot``; an
+    entry longer than the row (from a longer slot: only a shorter match of it fits here) is cut to the row."""
     bax, len_ax = _cache_axes(cfg)
     start = [0] * 5
 
     def put(c, p):
         at = list(start[:c.ndim])
         at[bax] = slot
+        p = lax.slice_in_dim(p, 0, min(p.shape[len_ax], c.shape[len_ax]), axis=len_ax)
         return lax.dynamic_update_slice(c, p.astype(c.dtype), tuple(at))
 
     return jax.tree.map(put, cache, prefix)
@@ -354,23 +357,24 @@ def _first_token(logits, banned, seen, history, slot, banned_row, seen_row, hist
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "flags", "window"), donate_argnums=(1, 3, 4))
-def _decode_step(params, cache, banned, seen, history, idx, token, position, counter, rows, seeds, *,
+def _decode_step(params, cache, banned, seen, history, idx, slot, token, position, counter, rows, seeds, *,
                  cfg: LlamaConfig, flags: ProcessorFlags, window: int):
-    """ONE step for the slots ``idx`` (R,): token (R,) at position (R,) → next token per row (at position + 1).
+    """ONE step for the rows ``idx`` (R,) of one tier's cache, slots ``slot`` (R,) of the per-slot state:
+    token (R,) at position (R,) → next token per row (at position + 1).
 
-    R is a bucket of the live slots (padding rows: index ≥ slots, never written), and attention reads only
-    the first ``window`` positions of those rows (each position is below it), so a step costs what its rows
-    need, not what ``slots`` × ``max_len`` reserves."""
+    R is a bucket of the live slots (padding rows: index ≥ the tier's rows and slot ≥ slots, never written),
+    and attention reads only the first ``window`` positions of those rows (each position is below it), so a
+    step costs what its rows need, not what ``slots`` × ``max_len`` reserves."""
     view = _gather_rows(cache, idx, window, cfg)
     logits, view = llama_module(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=view)
     cache = _write_rows(cache, view, idx, position, 1, cfg, logits)
-    take = lambda x: jnp.take(x, idx, axis=0, mode="clip")  # noqa: E731  (R, …) rows of a per-slot array
+    take = lambda x: jnp.take(x, slot, axis=0, mode="clip")  # noqa: E731  (R, …) rows of a per-slot array
     seen_r, history_r = take(seen), take(history)
     state = StepState(history=history_r, cur_len=position + 1, new_len=counter, seen=seen_r)
     tok, lp, top_ids, top_lp, failed = _choose(logits[:, 0], take(banned), state, rows, seeds, counter, flags)
     seen_r, history_r = _mark(seen_r, history_r, jnp.arange(tok.shape[0]), tok, position + 1)
-    seen = seen.at[idx].set(seen_r, mode="drop")
-    history = history.at[idx].set(history_r, mode="drop")
+    seen = seen.at[slot].set(seen_r, mode="drop")
+    history = history.at[slot].set(history_r, mode="drop")
     return tok, lp, top_ids, top_lp, failed, cache, seen, history
 
 
@@ -380,10 +384,12 @@ def _decode_all(params, cache, banned, seen, history, live, token, position, cou
     """ONE step of EVERY slot on the cache where it lies: no gather, no write-back; attention reads all
     ``max_len`` positions of every slot in place (the model's own cached path, as offline ``generate``).
 
-    ``live`` (slots,) marks the decoding slots; the engine feeds every other slot (free or prefilling) the pad
-    token at position ``max_len - 1``, so its one write lands where no request reads before writing it (a
-    request writes position p before a query at p reads it, and ``check`` keeps prompt + max_tokens within
-    ``max_len``), and its seen/history rows are kept. Its token is discarded."""
+    ``cache``: the engine's tiers (``tiered_cache``; one tier is a plain cache), rows in slot order, each
+    tier read over its own length. ``live`` (slots,) marks the decoding slots; the engine feeds every other
+    slot (free or prefilling) the pad token at its tier's last position, so its one write lands where no
+    request reads before writing it (a request writes position p before a query at p reads it, and a request
+    goes only to a slot that holds its prompt + max_tokens), and its seen/history rows are kept. Its token
+    is discarded."""
     logits, cache = llama_module(cfg).apply({"params": params}, token[:, None], positions=position[:, None], cache=cache)
     state = StepState(history=history, cur_len=position + 1, new_len=counter, seen=seen)
     tok, lp, top_ids, top_lp, failed = _choose(logits[:, 0], banned, state, rows, seeds, counter, flags)
@@ -477,18 +483,31 @@ class _Slot:
     order: int = 0  # admission order (prefill is first come, first served)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """A run of slots of one length. The engine's KV cache is one model cache per tier (slots ``first`` …
+    ``first + slots - 1``, ``length`` positions each); a decode step reads each tier over its own length."""
+
+    first: int
+    slots: int
+    length: int
+
+
 def _pow2(n: int) -> int:
     """The batch-rows bucket of a compiled call: 1, 2, 4, 8, …"""
     return 1 << (int(n) - 1).bit_length()
 
 
 class Engine:
-    """Continuous batching over ``slots`` decode rows of ``max_len`` positions each."""
+    """Continuous batching over ``slots`` decode rows of ``max_len`` positions each, or, with ``short_slots``,
+    over ``slots - short_slots`` rows of ``max_len`` and ``short_slots`` rows of ``short_len`` positions (a
+    request goes to the shortest free slot that holds its prompt + max_tokens)."""
 
     def __init__(self, cfg: LlamaConfig, params, *, slots: int = 8, max_len: int | None = None,
                  eos_id: int | None = None, pad_id: int = 0, mesh=None, prefix_block: int = 16,
                  prefix_cache_mb: float = 256.0, prefill_chunk: int = PREFILL_CHUNK,
-                 prefill_budget: int = PREFILL_BUDGET, dense_decode: bool = True):
+                 prefill_budget: int = PREFILL_BUDGET, dense_decode: bool = True, short_slots: int = 0,
+                 short_len: int = SHORT_LEN):
         if slots < 1:
             raise ServeError(f"slots must be ≥ 1, got {slots}")
         self.cfg, self.params, self.mesh = cfg, params, mesh
@@ -496,6 +515,8 @@ class Engine:
         self.max_len = int(min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings))
         if self.max_len < 2:
             raise ServeError(f"max_len must be ≥ 2, got {self.max_len}")
+        self.tiers = _tiers(self.slots, self.max_len, short_slots, short_len)
+        self._slot_tier = [t for t, tier in enumerate(self.tiers) for _ in range(tier.slots)]
         eos = cfg.eos_token_id if eos_id is None else eos_id
         self.eos_id = -1 if eos is None else int(eos)
         self.pad_id = int(pad_id)
@@ -511,7 +532,8 @@ class Engine:
         self._build_state()
         # the decode grouping's cost model (bytes a step reads): the weights once per call, the KV per row-position
         self._weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-        self._kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.cache)) // (self.slots * self.max_len)
+        self._kv_bytes = (sum(x.nbytes for x in jax.tree.leaves(self.caches))
+                          // sum(tier.slots * tier.length for tier in self.tiers))
         self._admitted = 0
         self._queue: collections.deque[Request] = collections.deque()
         self._slots = [_Slot() for _ in range(self.slots)]
@@ -536,13 +558,7 @@ class Engine:
 
     def _build_state(self):
         B, V = self.slots, self.vocab
-        cache = init_cache(self.cfg, B, self.max_len)
-        if self.mesh is not None:
-            from spiritlm_jax import sharding
-
-            cache = jax.tree.map(lambda c, names: sharding.put(c, self.mesh, *names), cache,
-                                 cache_logical_axes(self.cfg))
-        self.cache = cache
+        self.caches = [self._tier_cache(tier) for tier in self.tiers]
         self.banned = self._shard(jnp.zeros((B, V), bool), "batch", None)
         self.seen = self._shard(jnp.zeros((B, V), bool), "batch", None)
         self.history = self._shard(jnp.full((B, self.max_len), self.pad_id, jnp.int32), "batch", None)
@@ -551,6 +567,30 @@ class Engine:
                      "counter": np.zeros(B, np.int32), "seed": np.zeros(B, np.uint32)}
         self.configs: list[SamplingConfig] = [GREEDY] * B  # a free slot is a neutral greedy row
         self._rows: dict = {}  # slot index tuple → the configs as processors.RowParams (device); cleared on change
+
+    def _tier_cache(self, tier: Tier):
+        cache = init_cache(self.cfg, tier.slots, tier.length)
+        if self.mesh is None:
+            return cache
+        from spiritlm_jax import sharding
+
+        return jax.tree.map(lambda c, names: sharding.put(c, self.mesh, *names), cache, cache_logical_axes(self.cfg))
+
+    def tier_of(self, i: int) -> tuple[int, Tier]:
+        """(tier index, tier) of slot ``i``; its row in the tier's cache is ``i - tier.first``."""
+        t = self._slot_tier[i]
+        return t, self.tiers[t]
+
+    def slot_length(self, i: int) -> int:
+        """The positions slot ``i`` holds (prompt + max_tokens of the request in it)."""
+        return self.tier_of(i)[1].length
+
+    def _dense_cache(self):
+        """Every tier as the one cache the in-place step runs on."""
+        return self.caches[0] if len(self.caches) == 1 else tiered_cache(self.caches)
+
+    def _set_dense_cache(self, cache) -> None:
+        self.caches = [cache] if len(self.caches) == 1 else list(cache["tiers"])
 
     # ---------------------------------------------------------------------------------- options per slot
     def _eos_default(self) -> list[int]:
@@ -570,18 +610,20 @@ class Engine:
         return ProcessorFlags(sort_width=width, top_p=bool(width), repetition_penalty=True, max_ngram=ngram,
                               sampling=f.sampling)
 
-    def window(self, last_position: int) -> int:
+    def window(self, last_position: int, length: int | None = None) -> int:
         """The cache positions a decode step attends over when the furthest row is at ``last_position``:
-        powers of two from ``MIN_WINDOW`` up to ``max_len`` (few buckets: each is one compile of the step)."""
-        return min(self.max_len, max(MIN_WINDOW, 1 << int(last_position).bit_length()))
+        powers of two from ``MIN_WINDOW`` up to the slots' ``length`` (default ``max_len``; few buckets: each
+        is one compile of the step)."""
+        return min(length or self.max_len, max(MIN_WINDOW, 1 << int(last_position).bit_length()))
 
-    def prefill_window(self, last_position: int) -> int:
+    def prefill_window(self, last_position: int, length: int | None = None) -> int:
         """The cache positions a prefill call attends over: ``PREFILL_WINDOW`` while every row ends below it,
         else all ``max_len``. Two windows, not the decode step's powers of two: a prefill call's window copy
         is small beside its P tokens of compute, and each window multiplies the prefill programs (rows
         bucket × length bucket) that ``precompile`` builds."""
-        short = min(PREFILL_WINDOW, self.max_len)
-        return short if last_position < short else self.max_len
+        length = length or self.max_len
+        short = min(PREFILL_WINDOW, length)
+        return short if last_position < short else length
 
     def precompile(self, log: Callable[[str], None] | None = None, progress: bool = False) -> int:
         """Compile, before any request, every program the scheduler picks in steady state: each prefill shape
@@ -601,69 +643,76 @@ class Engine:
             tasks = tqdm(tasks, desc="precompiling", unit="program", file=sys.stderr)
         for task in tasks:
             task()
-        jax.block_until_ready(self.cache)
+        jax.block_until_ready(self.caches)
         n = Profile.programs() - n0
         if log:
             log(f"precompiled {n} programs ({len(self._prefill_shapes())} prefill shapes, decode windows "
                 f"{self._decode_windows()}) in {time.perf_counter() - t0:.0f} s")
         return n
 
-    def _prefill_shapes(self) -> list[tuple[int, int, int]]:
-        """(rows bucket, length bucket, window) of every prefill call ``_prefill_batch`` can make."""
-        lengths = [P for P in self._prefill_lengths() if P <= self.max_len]
-        return [(R, P, window) for window in sorted({self.prefill_window(0), self.max_len})
-                for P in lengths if P <= window
-                for R in (1 << i for i in range(16)) if R <= _pow2(self.slots) and R * P <= self.prefill_budget]
+    def _prefill_shapes(self) -> list[tuple[int, int, int, int]]:
+        """(tier, rows bucket, length bucket, window) of every prefill call ``_prefill_batch`` can make."""
+        return [(t, R, P, window) for t, tier in enumerate(self.tiers)
+                for window in sorted({self.prefill_window(0, tier.length), tier.length})
+                for P in self._prefill_lengths() if P <= window
+                for R in (1 << i for i in range(16)) if R <= _pow2(tier.slots) and R * P <= self.prefill_budget]
 
     def _prefill_lengths(self) -> list[int]:
         """Every padded length ``_prefill_length`` gives (8 at the default chunk of 256)."""
         return sorted({self._prefill_length(n) for n in range(1, self.prefill_chunk + 1)})
 
-    def _decode_windows(self) -> list[int]:
-        return sorted({self.window(p) for p in range(self.max_len)})
+    def _decode_windows(self, length: int | None = None) -> list[int]:
+        length = length or self.max_len
+        return sorted({self.window(p, length) for p in range(length)})
 
     def _precompile_tasks(self) -> list[Callable[[], None]]:
-        """One call per program ``precompile`` builds, each on padding rows (index ``slots``: read from the
-        last slot, never written) or, for the in-place step, on no live row."""
-        pad, B = self.slots, self.slots
+        """One call per program ``precompile`` builds, each on padding rows (index past the tier's rows: read
+        from its last row, never written) or, for the in-place step, on no live row."""
+        B = self.slots
         tasks = []
 
-        def prefill(R, P, window):
+        def prefill(t, R, P, window):
             z = jnp.zeros((R,), jnp.int32)
-            _, self.cache = _prefill(self.params, self.cache, jnp.full((R,), pad, jnp.int32),
-                                     jnp.zeros((R, P), jnp.int32), z, z, cfg=self.cfg, window=window)
+            _, self.caches[t] = _prefill(self.params, self.caches[t], jnp.full((R,), self.tiers[t].slots, jnp.int32),
+                                         jnp.zeros((R, P), jnp.int32), z, z, cfg=self.cfg, window=window)
 
-        def gathered(R, window, flags):
-            idx, z = np.full(R, pad, np.int32), jnp.zeros((R,), jnp.int32)
-            out = _decode_step(self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(idx), z, z,
-                               z, self._row_params_for(tuple(idx.tolist())), jnp.zeros((R,), jnp.uint32),
+        def gathered(t, R, window, flags):
+            slot, z = np.full(R, B, np.int32), jnp.zeros((R,), jnp.int32)
+            out = _decode_step(self.params, self.caches[t], self.banned, self.seen, self.history,
+                               jnp.full((R,), self.tiers[t].slots, jnp.int32), jnp.asarray(slot), z, z, z,
+                               self._row_params_for(tuple(slot.tolist())), jnp.zeros((R,), jnp.uint32),
                                cfg=self.cfg, flags=flags, window=window)
-            self.cache, self.seen, self.history = out[5:]
+            self.caches[t], self.seen, self.history = out[5:]
 
         def in_place(flags):
             z = jnp.zeros((B,), jnp.int32)
-            out = _decode_all(self.params, self.cache, self.banned, self.seen, self.history, jnp.zeros((B,), bool),
-                              z, jnp.full((B,), self.max_len - 1, jnp.int32), z, self._row_params_for(tuple(range(B))),
-                              jnp.zeros((B,), jnp.uint32), cfg=self.cfg, flags=flags)
-            self.cache, self.seen, self.history = out[5:]
+            out = _decode_all(self.params, self._dense_cache(), self.banned, self.seen, self.history,
+                              jnp.zeros((B,), bool), z, jnp.asarray(self._idle_positions()), z,
+                              self._row_params_for(tuple(range(B))), jnp.zeros((B,), jnp.uint32), cfg=self.cfg,
+                              flags=flags)
+            self._set_dense_cache(out[5])
+            self.seen, self.history = out[6:]
 
-        def prefix_entry(length):  # a prefix-cache entry's extraction and its copy into a slot (0 onto itself)
-            entry = _extract(self.cache, jnp.int32(0), cfg=self.cfg, length=length)
-            self.cache = _copy_prefix(self.cache, jnp.int32(0), entry, cfg=self.cfg)
+        def prefix_entry(source, length):  # an entry's extraction from a tier, its copy into row 0 of every tier
+            entry = _extract(self.caches[source], jnp.int32(0), cfg=self.cfg, length=length)
+            for t in range(len(self.tiers)):
+                self.caches[t] = _copy_prefix(self.caches[t], jnp.int32(0), entry, cfg=self.cfg)
 
         tasks += [functools.partial(prefill, *shape) for shape in self._prefill_shapes()]
         for config in (GREEDY, SamplingConfig(do_sample=True)):
             flags = self.flags([config])
-            tasks += [functools.partial(gathered, R, window, flags) for R in (1 << i for i in range(16))
-                      if R <= _pow2(self.slots) for window in self._decode_windows()]
+            tasks += [functools.partial(gathered, t, R, window, flags) for t, tier in enumerate(self.tiers)
+                      for R in (1 << i for i in range(16)) if R <= _pow2(tier.slots)
+                      for window in self._decode_windows(tier.length)]
             if self.dense_decode:
                 tasks.append(functools.partial(in_place, flags))
             # the first-token program of this variant
             tasks.append(functools.partial(self.run_to_completion, [Request([0], 2, config)]))
         if self.prefix.budget > 0:
-            lengths = {min(bucket_length(n), self.max_len) for n in range(self.prefix.block, self.max_len + 1,
-                                                                          self.prefix.block)}
-            tasks += [functools.partial(prefix_entry, length) for length in sorted(lengths)]
+            for t, tier in enumerate(self.tiers):
+                lengths = {min(bucket_length(n), tier.length)
+                           for n in range(self.prefix.block, tier.length + 1, self.prefix.block)}
+                tasks += [functools.partial(prefix_entry, t, length) for length in sorted(lengths)]
         return tasks
 
     # ---------------------------------------------------------------------------------- checks
@@ -773,27 +822,50 @@ class Engine:
         if live:
             self._decode(live)
 
+    def _slot_for(self, req: Request) -> int | None:
+        """The free slot for ``req``: the shortest that holds its prompt + max_tokens (so short requests leave
+        the long slots to long ones), lowest first; None if none is free."""
+        need = len(req.prompt) + req.max_tokens
+        free = [i for i, s in enumerate(self._slots) if s.request is None and need <= self.slot_length(i)]
+        return min(free, key=lambda i: (self.slot_length(i), i), default=None)
+
     def _admit(self) -> None:
-        """Fill free slots (lowest first) from the queue; a cached prefix is copied in at once."""
-        while True:
-            free = next((i for i, s in enumerate(self._slots) if s.request is None), None)
-            with self._lock:
-                if free is None or not self._queue:
-                    return
-                req = self._queue.popleft()
+        """Fill free slots from the queue, first come first served; a cached prefix is copied in at once.
+
+        A request that finds no free slot long enough waits at its place while later requests that fit the
+        free (shorter) slots start: with short slots, a short request may pass a long one waiting for a long
+        slot, and the long one still gets the next long slot that frees (it is ahead in the queue)."""
+        with self._lock:
+            queued = list(self._queue)
+        for req in queued:
+            if not any(s.request is None for s in self._slots):
+                return
             if req.cancelled:
+                with self._lock:
+                    self._queue.remove(req)
                 self._report_finish(req, "stop" if req.stop_requested else "cancelled")
                 continue
-            try:
-                entry, start = self.prefix.lookup(req.prompt)
-                if entry is not None:
-                    self.cache = _copy_prefix(self.cache, jnp.int32(free), entry["tree"], cfg=self.cfg)
-                req.cached_tokens = start
-                self._admitted += 1
-                self._slots[free] = _Slot(req, filled=start, cached=start, order=self._admitted)
-            except Exception as e:  # this request fails alone
-                self._slots[free] = _Slot()
-                self._report_finish(req, "error", e)
+            free = self._slot_for(req)
+            if free is None:
+                continue
+            with self._lock:
+                self._queue.remove(req)
+            self._place(req, free)
+
+    def _place(self, req: Request, free: int) -> None:
+        """Put ``req`` in slot ``free``, with the KV of its longest cached prefix copied into the slot's row."""
+        t, tier = self.tier_of(free)
+        try:
+            entry, start = self.prefix.lookup(req.prompt)
+            if entry is not None:
+                self.caches[t] = _copy_prefix(self.caches[t], jnp.int32(free - tier.first), entry["tree"],
+                                              cfg=self.cfg)
+            req.cached_tokens = start
+            self._admitted += 1
+            self._slots[free] = _Slot(req, filled=start, cached=start, order=self._admitted)
+        except Exception as e:  # this request fails alone
+            self._slots[free] = _Slot()
+            self._report_finish(req, "error", e)
 
     def _piece(self, i: int) -> int:
         """The prompt tokens slot ``i`` prefills in its next call (at most ``prefill_chunk``)."""
@@ -808,8 +880,8 @@ class Engine:
         """The prefilling slots (not in ``skip``) of the next prefill call and its length P.
 
         The longest piece (first come among equals) sets P (``_prefill_length``; near the end of its slot P is
-        only what the slot holds) and the attention window. Rows whose piece fits in P, whose slot holds P more
-        positions and whose window is the same may join, longest first: the call takes the first m of them that
+        only what the slot holds), the tier and the attention window. Rows of the same tier whose piece fits in
+        P, whose slot holds P more positions and whose window is the same may join, longest first: the call takes the first m of them that
         make the most prompt tokens per unit of cost, ``Σ pieces / (rows bucket(m) × P + prefill_call_cost)``,
         within ``prefill_budget``. So a 256-token chunk is not batched with three 32-token prompts (1,024 padded
         tokens for 352), and four 64-token prompts are (256 for 256); the rest go in the next calls."""
@@ -818,15 +890,17 @@ class Engine:
                          key=lambda i: (-self._prefill_length(self._piece(i)), self._slots[i].order))
         if not waiting:
             return [], 0
+        t, tier = self.tier_of(waiting[0])
         first = self._slots[waiting[0]].filled
-        P = min(self._prefill_length(self._piece(waiting[0])), self.max_len - first)
-        window = self.prefill_window(first + P - 1)
-        fits = [i for i in waiting if self._piece(i) <= P and self._slots[i].filled + P <= self.max_len
-                and self.prefill_window(self._slots[i].filled + P - 1) == window]
+        P = min(self._prefill_length(self._piece(waiting[0])), tier.length - first)
+        window = self.prefill_window(first + P - 1, tier.length)
+        fits = [i for i in waiting if self._slot_tier[i] == t and self._piece(i) <= P
+                and self._slots[i].filled + P <= tier.length
+                and self.prefill_window(self._slots[i].filled + P - 1, tier.length) == window]
         best, best_rate, tokens = 1, 0.0, 0
         for m, i in enumerate(fits, start=1):
             R = _pow2(m)
-            if R > _pow2(self.slots) or (m > 1 and R * P > self.prefill_budget):
+            if R > _pow2(tier.slots) or (m > 1 and R * P > self.prefill_budget):
                 break
             tokens += self._piece(i)
             rate = tokens / (R * P + self.prefill_call_cost)
@@ -849,20 +923,21 @@ class Engine:
 
     def _prefill_call(self, rows: list[int], P: int) -> None:
         R = _pow2(len(rows))
-        idx = np.full(R, self.slots, np.int32)  # padding rows: an index past the slots (never written)
+        t, tier = self.tier_of(rows[0])
+        idx = np.full(R, tier.slots, np.int32)  # padding rows: an index past the tier's rows (never written)
         tokens = np.full((R, P), self.pad_id, np.int32)
         start, last = np.zeros(R, np.int32), np.zeros(R, np.int32)
         pieces = []
         for r, i in enumerate(rows):
             s, piece = self._slots[i], self._piece(i)
-            idx[r], start[r], last[r] = i, s.filled, piece - 1
+            idx[r], start[r], last[r] = i - tier.first, s.filled, piece - 1
             tokens[r, :piece] = s.request.prompt[s.filled:s.filled + piece]
             pieces.append(piece)
-        window = self.prefill_window(int(start.max()) + P - 1)
+        window = self.prefill_window(int(start.max()) + P - 1, tier.length)
         t0 = time.perf_counter()
         try:
-            logits, self.cache = _prefill(self.params, self.cache, jnp.asarray(idx), jnp.asarray(tokens),
-                                           jnp.asarray(start), jnp.asarray(last), cfg=self.cfg, window=window)
+            logits, self.caches[t] = _prefill(self.params, self.caches[t], jnp.asarray(idx), jnp.asarray(tokens),
+                                              jnp.asarray(start), jnp.asarray(last), cfg=self.cfg, window=window)
             jax.block_until_ready(logits)
         except Exception as e:  # these requests fail; the others go on
             for i in rows:
@@ -888,8 +963,10 @@ class Engine:
         slot, h = self._slots[i], self.host
         req, ids = slot.request, slot.request.prompt
         slot.filled = None
-        self.prefix.store(ids, slot.cached, lambda L: _extract(self.cache, jnp.int32(i), cfg=self.cfg, length=L),
-                          lambda n: min(bucket_length(n), self.max_len))
+        t, tier = self.tier_of(i)
+        self.prefix.store(ids, slot.cached,
+                          lambda L: _extract(self.caches[t], jnp.int32(i - tier.first), cfg=self.cfg, length=L),
+                          lambda n: min(bucket_length(n), tier.length))
         config = dataclasses.replace(req.sampling, max_new_tokens=req.max_tokens, stop_strings=())
         self.configs[i] = config
         self._rows = {}
@@ -909,36 +986,46 @@ class Engine:
             raise _failure(len(ids), 0)
         self._deliver(i, int(tok[0]), float(lp[0]), np.asarray(top_ids[0]), np.asarray(top_lp[0]))
 
-    def _step_cost(self, rows: int, last_position: int) -> float:
+    def _step_cost(self, rows: int, last_position: int, length: int | None = None) -> float:
         """What one gathered decode call costs, in bytes read in place: the weights, and the KV of its
         window, which is copied out of the slots first (``GATHER_COST`` per byte)."""
-        return self._weight_bytes + GATHER_COST * _pow2(rows) * self.window(last_position) * self._kv_bytes
+        return self._weight_bytes + GATHER_COST * _pow2(rows) * self.window(last_position, length) * self._kv_bytes
 
     def _dense_cost(self) -> float:
-        """What one in-place call over every slot costs (``_decode_all``): the weights and the whole cache."""
-        return self._weight_bytes + self.slots * self.max_len * self._kv_bytes
+        """What one in-place call over every slot costs (``_decode_all``): the weights and the whole cache
+        (each tier's rows over their own length)."""
+        return self._weight_bytes + sum(tier.slots * tier.length for tier in self.tiers) * self._kv_bytes
 
     def _groups(self, live: list[int]) -> list[list[int]] | None:
-        """Split the decoding slots into gathered calls, each with its own rows bucket and window: the split of
-        the slots sorted by position into runs that minimises the summed ``_step_cost`` (one call unless a few
-        long rows would make every short row attend over their window). None: one in-place call over every
-        slot (``_decode_all``) costs less than the best split."""
+        """Split the decoding slots into gathered calls, each within one tier with its own rows bucket and
+        window: per tier, the split of its slots sorted by position into runs that minimises the summed
+        ``_step_cost`` (one call unless a few long rows would make every short row attend over their window).
+        None: one in-place call over every slot (``_decode_all``) costs less than the best split."""
+        total, groups = 0.0, []
+        for t, tier in enumerate(self.tiers):
+            cost, split = self._split([i for i in live if self._slot_tier[i] == t], tier.length)
+            total += cost
+            groups += split
+        if self.dense_decode and self._dense_cost() < total:
+            return None
+        return groups
+
+    def _split(self, live: list[int], length: int) -> tuple[float, list[list[int]]]:
+        """The cheapest split of one tier's decoding slots into gathered calls, and its cost."""
         h = self.host
         live = sorted(live, key=lambda i: h["position"][i])
         n = len(live)
-        best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+        best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
         for j in range(1, n + 1):
             for i in range(j):
-                c = best[i] + self._step_cost(j - i, int(h["position"][live[j - 1]]))
+                c = best[i] + self._step_cost(j - i, int(h["position"][live[j - 1]]), length)
                 if c < best[j]:
                     best[j], cut[j] = c, i
-        if self.dense_decode and self._dense_cost() < best[n]:
-            return None
         groups, j = [], n
         while j:
             groups.append(live[cut[j]:j])
             j = cut[j]
-        return groups[::-1]
+        return best[n], groups[::-1]
 
     def _row_params_for(self, idx: tuple[int, ...]):
         if idx not in self._rows:
@@ -954,17 +1041,19 @@ class Engine:
         calls, shapes = [], []
         for group in groups:
             R = _pow2(len(group))
-            idx = np.asarray(group + [self.slots] * (R - len(group)), np.int32)
-            at = np.minimum(idx, self.slots - 1)
-            pad = idx >= self.slots
-            window = self.window(int(h["position"][group].max()))
+            t, tier = self.tier_of(group[0])
+            slot = np.asarray(group + [self.slots] * (R - len(group)), np.int32)  # padding: past every slot
+            idx = np.where(slot < self.slots, slot - tier.first, tier.slots).astype(np.int32)  # rows of the tier
+            at = np.minimum(slot, self.slots - 1)
+            pad = slot >= self.slots
+            window = self.window(int(h["position"][group].max()), tier.length)
             out = _decode_step(
-                self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(idx),
+                self.params, self.caches[t], self.banned, self.seen, self.history, jnp.asarray(idx), jnp.asarray(slot),
                 jnp.asarray(np.where(pad, self.pad_id, h["token"][at])), jnp.asarray(np.where(pad, 0, h["position"][at])),
-                jnp.asarray(np.where(pad, 0, h["counter"][at])), self._row_params_for(tuple(idx.tolist())),
+                jnp.asarray(np.where(pad, 0, h["counter"][at])), self._row_params_for(tuple(slot.tolist())),
                 jnp.asarray(np.where(pad, 0, h["seed"][at]).astype(np.uint32)), cfg=self.cfg,
                 flags=self.flags([self.configs[i] for i in group]), window=window)
-            tok, lp, top_ids, top_lp, failed, self.cache, self.seen, self.history = out
+            tok, lp, top_ids, top_lp, failed, self.caches[t], self.seen, self.history = out
             calls.append((group, (tok, lp, top_ids, top_lp, failed)))
             shapes.append((R, len(group), window))
         self.steps += 1
@@ -979,24 +1068,32 @@ class Engine:
         t0 = time.perf_counter()
         mask = np.zeros(B, bool)
         mask[live] = True
-        position = np.where(mask, h["position"], self.max_len - 1).astype(np.int32)
+        position = np.where(mask, h["position"], self._idle_positions()).astype(np.int32)
         out = _decode_all(
-            self.params, self.cache, self.banned, self.seen, self.history, jnp.asarray(mask),
+            self.params, self._dense_cache(), self.banned, self.seen, self.history, jnp.asarray(mask),
             jnp.asarray(np.where(mask, h["token"], self.pad_id).astype(np.int32)), jnp.asarray(position),
             jnp.asarray(np.where(mask, h["counter"], 0).astype(np.int32)), self._row_params_for(tuple(range(B))),
             jnp.asarray(np.where(mask, h["seed"], 0).astype(np.uint32)), cfg=self.cfg,
             flags=self.flags([self.configs[i] for i in live]))
-        tok, lp, top_ids, top_lp, failed, self.cache, self.seen, self.history = out
+        tok, lp, top_ids, top_lp, failed, cache, self.seen, self.history = out
+        self._set_dense_cache(cache)
         self.steps += 1
         t1 = time.perf_counter()
         tok, lp, top_ids, top_lp, failed = (np.asarray(x) for x in (tok, lp, top_ids, top_lp, failed))
         self.profile.decode(t1 - t0, time.perf_counter() - t1, [(B, len(live), self.max_len)])
         if failed.any():  # a non-finite row wrote non-finite KV at its position: zero it (0·NaN would poison
             # every later request in that slot, which reads the whole row with weight 0 beyond its position)
-            bad = np.flatnonzero(failed)
-            self.cache = _clear_positions(self.cache, jnp.asarray(bad, jnp.int32),
-                                          jnp.asarray(position[bad]), cfg=self.cfg)
+            for t, tier in enumerate(self.tiers):
+                bad = [i for i in np.flatnonzero(failed) if self._slot_tier[i] == t]
+                if bad:
+                    self.caches[t] = _clear_positions(self.caches[t], jnp.asarray(np.subtract(bad, tier.first), jnp.int32),
+                                                      jnp.asarray(position[bad]), cfg=self.cfg)
         self._advance([(live, [x[live] for x in (tok, lp, top_ids, top_lp, failed)])])
+
+    def _idle_positions(self) -> np.ndarray:
+        """(slots,) the position an idle slot is fed at in the in-place step: its tier's last (never read
+        before a request writes it)."""
+        return np.asarray([self.slot_length(i) - 1 for i in range(self.slots)], np.int32)
 
     def _advance(self, results) -> None:
         """Deliver each decoded row's token (or end it on failure) and move it one position on."""
@@ -1077,6 +1174,19 @@ class Engine:
         while self.has_work():
             self.step()
         return [out[id(r)] for r in requests]
+
+
+def _tiers(slots: int, max_len: int, short_slots: int, short_len: int) -> list[Tier]:
+    """The slot tiers: ``slots - short_slots`` of ``max_len`` positions, then ``short_slots`` of ``short_len``."""
+    if isinstance(short_slots, bool) or not 0 <= short_slots < slots:
+        raise ServeError(f"short_slots must be in [0, slots - 1] = [0, {slots - 1}] (at least one slot holds "
+                         f"max_len positions for the longest request), got {short_slots}")
+    if not short_slots:
+        return [Tier(0, slots, max_len)]
+    if not 2 <= short_len < max_len:
+        raise ServeError(f"short_len must be in [2, max_len) = [2, {max_len}), got {short_len}; a short slot "
+                         f"shorter than max_len is what saves a decode step its reads")
+    return [Tier(0, slots - short_slots, max_len), Tier(slots - short_slots, short_slots, short_len)]
 
 
 def _failure(position: int, n_generated: int) -> ServeError:

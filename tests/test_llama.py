@@ -9,7 +9,7 @@ import pytest
 from spiritlm_jax.config import ConfigError, LlamaConfig
 from spiritlm_jax.converters.llama import convert_llama, load_converted, load_hf_params
 from spiritlm_jax.infer.engine import SamplingConfig, generate
-from spiritlm_jax.models.llama import Llama, init_cache, stack_layers, unstack_layers
+from spiritlm_jax.models.llama import Llama, init_cache, stack_layers, tiered_cache, unstack_layers
 
 from llama_helpers import VARIANTS, hf_logits, make_hf_model, save_hf
 
@@ -84,6 +84,36 @@ def test_kv_cache_decode_equals_full_forward(tmp_path, scan, ids):
         outs.append(np.asarray(lg))
         pos += n
     assert np.abs(np.concatenate(outs, axis=1) - full).max() <= TOL
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_tiered_cache_rows_equal_each_row_alone(tmp_path, scan):
+    """A tiered cache (one long row, two short ones, each tier its own length) gives every row what the same
+    row gives alone on a one-tier cache, through prefill and decode; a step over a batch that the tiers do
+    not cover is refused."""
+    model = make_hf_model(**MODEL_KINDS["gqa_untied_theta1e5"])
+    cfg, params = load_hf_params(save_hf(model, tmp_path / "hf", "bin"), scan_layers=scan)
+    ids = np.random.default_rng(1).integers(0, 256, size=(3, 14)).astype(np.int64)
+    m = Llama(cfg)
+
+    def run(cache, rows):
+        outs, pos = [], 0
+        for n in (9, 1, 1, 1, 1, 1):
+            chunk = jnp.asarray(ids[rows, pos:pos + n])
+            positions = jnp.broadcast_to(jnp.arange(pos, pos + n), chunk.shape)
+            lg, cache = m.apply({"params": params}, chunk, positions=positions, cache=cache)
+            outs.append(np.asarray(lg))
+            pos += n
+        return np.concatenate(outs, axis=1), cache
+
+    tiered, cache = run(tiered_cache([init_cache(cfg, 1, 32), init_cache(cfg, 2, 16)]), [0, 1, 2])
+    assert [jax.tree.leaves(t)[0].shape[-2] for t in cache["tiers"]] == [32, 16]
+    for r in range(3):
+        alone, _ = run(init_cache(cfg, 1, 32), [r])
+        assert np.abs(tiered[r] - alone[0]).max() <= TOL, r
+    with pytest.raises(ValueError, match="tiered cache holds 3 rows but the batch has 2"):
+        m.apply({"params": params}, jnp.zeros((2, 1), jnp.int32), positions=jnp.zeros((2, 1), jnp.int32),
+                cache=tiered_cache([init_cache(cfg, 1, 32), init_cache(cfg, 2, 16)]))
 
 
 def test_padded_batch_equals_each_prompt_alone(tmp_path):

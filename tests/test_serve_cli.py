@@ -24,7 +24,7 @@ def test_serve_cli_serves_and_sigterm_drains_the_request_in_flight(tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "spiritlm_jax.cli", "serve", "--demo", "--no-speech", "--slots", "2",
-                             "--max-len", "128", "--precompile", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                             "--max-len", "128", "--short-slots", "1", "--short-len", "64", "--precompile", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -64,13 +64,16 @@ def test_serve_cli_serves_and_sigterm_drains_the_request_in_flight(tmp_path):
             proc.wait()
         log.close()
     text = open(tmp_path / "serve.log").read()
-    assert "serving 'spirit-lm-base-7b' on http://127.0.0.1:" in text
+    assert "serving 'spirit-lm-base-7b' on http://127.0.0.1:" in text and "(2 slots: 1 × 128 + 1 × 64 positions" in text
     assert "precompiled " in text and " prefill shapes, decode windows [128])" in text  # --precompile ran first
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--mesh", "rows=2"], "expected AXIS=N pairs"),
     (["--slots", "0"], "--slots must be ≥ 1"),
+    (["--slots", "2", "--short-slots", "2"], "short_slots must be in [0, slots - 1] = [0, 1]"),
+    (["--slots", "2", "--max-len", "128", "--short-slots", "1", "--short-len", "128"],
+     "short_len must be in [2, max_len) = [2, 128), got 128"),
     (["--model", "/nonexistent/model"], "cannot load"),
 ])
 def test_serve_cli_bad_flags_exit_1_with_the_fix(flags, message, capsys):

@@ -153,6 +153,66 @@ def test_cost_model_picks_the_in_place_step_for_mixed_long_rows(lm):
     assert Engine(lm.cfg, lm.params, slots=16, max_len=1152, eos_id=2, dense_decode=False)._groups(live) is not None
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_short_slots_are_exact_and_leave_the_long_slots_to_long_requests(lm, in_place):
+    import jax
+
+    """Two slots of 256 positions and two of 64 (``short_slots``): each request goes to the shortest free slot
+    that holds it, a long request with no free long slot waits while later short ones start in the short
+    slots, and then takes the first long slot that frees; a prefix cached from a long slot is copied into a
+    short one (cut to its 64 positions). Every greedy output equals offline ``generate``, with the in-place
+    step over both tiers and with gathered calls per tier."""
+    rng = np.random.default_rng(5)
+    V = lm.cfg.vocab_size
+    shared = [1] + rng.integers(3, V, size=23).tolist()
+    long_ = [shared + rng.integers(3, V, size=96).tolist(), [1] + rng.integers(3, V, size=130).tolist(),
+             [1] + rng.integers(3, V, size=100).tolist()]
+    short = [shared + rng.integers(3, V, size=8).tolist(), [1] + rng.integers(3, V, size=20).tolist(),
+             [1] + rng.integers(3, V, size=12).tolist()]
+    engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, prefix_block=8, prefill_chunk=64,
+                    prefill_budget=128, short_slots=2, short_len=64)
+    if in_place:
+        _always_dense(engine)
+    else:
+        engine.dense_decode = False
+    assert [(t.first, t.slots, t.length) for t in engine.tiers] == [(0, 2, MAX_LEN), (2, 2, 64)]
+    # L0, L1 fill the long slots; L2 (long) waits for L0's; S1, S2 start in the short slots at once, S0 when
+    # S2's frees
+    requests = {"L0": Request(long_[0], 6), "L1": Request(long_[1], 30), "S0": Request(short[0], 30),
+                "L2": Request(long_[2], 10), "S1": Request(short[1], 20), "S2": Request(short[2], 12)}
+    placed = []
+    place = engine._place
+    engine._place = lambda req, i: (placed.append((next(k for k, r in requests.items() if r is req), i)),
+                                    place(req, i))[1]
+    arrivals = [(0, "L0"), (0, "L1"), (1, "L2"), (4, "S0"), (2, "S1"), (2, "S2")]  # S0 once L0 is cached
+    outputs = _collect(engine, [(step, requests[name]) for step, name in arrivals])
+    got = {name: out for (_, name), out in zip(arrivals, outputs)}
+    for name, req in requests.items():
+        assert got[name] == _offline(lm, req.prompt, req.max_tokens), name
+    slot_of = dict(placed)
+    assert {slot_of["L0"], slot_of["L1"]} == {0, 1} and slot_of["L2"] == slot_of["L0"]  # L0 ends first
+    assert all(slot_of[k] >= 2 for k in ("S0", "S1", "S2")), placed  # short requests in the short slots
+    order = [name for name, _ in placed]
+    assert order.index("S1") < order.index("L2") and order.index("S2") < order.index("L2"), placed  # passed L2
+    entry_lengths = [jax.tree.leaves(e["tree"])[0].shape[-2] for e in engine.prefix.entries.values()]
+    assert max(entry_lengths) > 64, entry_lengths
+    assert requests["S0"].cached_tokens == 24  # the shared prefix: an entry of 128 positions from L0's long slot
+    calls = [shape for step in engine.profile.steps_by_shape for shape in step]
+    if in_place:
+        assert all(rows == SLOTS for rows, _, _ in calls)
+    else:
+        assert all(window <= 64 or rows <= 2 for rows, _, window in calls), engine.profile.summary()
+
+
+def test_short_slot_options_are_checked(lm):
+    with pytest.raises(ServeError, match=r"short_slots must be in \[0, slots - 1\] = \[0, 3\]"):
+        Engine(lm.cfg, lm.params, slots=4, max_len=MAX_LEN, short_slots=4)
+    with pytest.raises(ServeError, match=r"short_len must be in \[2, max_len\) = \[2, 256\), got 256"):
+        Engine(lm.cfg, lm.params, slots=4, max_len=MAX_LEN, short_slots=2, short_len=256)
+    engine = Engine(lm.cfg, lm.params, slots=4, max_len=MAX_LEN, short_slots=3, short_len=32)
+    assert [engine.slot_length(i) for i in range(4)] == [MAX_LEN, 32, 32, 32]
+
+
 def test_sampling_stream_is_per_slot(lm):
     """A seeded sampled request gives the same tokens alone and beside other requests."""
     engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2)
@@ -238,17 +298,17 @@ def test_decode_and_prefill_update_the_cache_in_place(lm):
     from spiritlm_jax.serve import engine as engine_module
 
     engine = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2)
-    leaf_shape = jax.tree.leaves(engine.cache)[0].shape
+    leaf_shape = jax.tree.leaves(engine.caches[0])[0].shape
     assert leaf_shape[0] == SLOTS and MAX_LEN in leaf_shape
     one = jnp.zeros((1,), jnp.int32)
     flags = engine.flags([engine_module.GREEDY])
     decode = engine_module._decode_step.lower(
-        lm.params, engine.cache, engine.banned, engine.seen, engine.history, one, one, one + 3, one,
+        lm.params, engine.caches[0], engine.banned, engine.seen, engine.history, one, one, one, one + 3, one,
         engine._row_params_for((0,)), jnp.zeros((1,), jnp.uint32), cfg=lm.cfg, flags=flags, window=128).compile()
-    prefill = engine_module._prefill.lower(lm.params, engine.cache, one, jnp.zeros((1, 16), jnp.int32), one, one + 15,
+    prefill = engine_module._prefill.lower(lm.params, engine.caches[0], one, jnp.zeros((1, 16), jnp.int32), one, one + 15,
                                            cfg=lm.cfg, window=128).compile()
     dense = engine_module._decode_all.lower(
-        lm.params, engine.cache, engine.banned, engine.seen, engine.history, jnp.ones((SLOTS,), bool),
+        lm.params, engine.caches[0], engine.banned, engine.seen, engine.history, jnp.ones((SLOTS,), bool),
         jnp.zeros((SLOTS,), jnp.int32), jnp.full((SLOTS,), 3, jnp.int32), jnp.zeros((SLOTS,), jnp.int32),
         engine._row_params_for(tuple(range(SLOTS))), jnp.zeros((SLOTS,), jnp.uint32), cfg=lm.cfg, flags=flags).compile()
     assert _cache_leaf_copies(decode.as_text(), leaf_shape) == 0
@@ -256,9 +316,17 @@ def test_decode_and_prefill_update_the_cache_in_place(lm):
     assert _cache_leaf_copies(dense.as_text(), leaf_shape) == 0
     # the detector sees the copy where XLA makes one: a donated leaf updated in place while a read of it
     # that the update does not depend on is still pending (the pattern the engine had)
-    leaf = jax.tree.leaves(engine.cache)[0]
+    leaf = jax.tree.leaves(engine.caches[0])[0]
     racing = jax.jit(lambda c: (c.at[0, :, 3].set(1.0), c[0:1] * 2), donate_argnums=0).lower(leaf).compile()
     assert _cache_leaf_copies(racing.as_text(), leaf_shape) >= 1
+    # the in-place step over two tiers (short_slots) updates both where they lie
+    tiered = Engine(lm.cfg, lm.params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, short_slots=2, short_len=64)
+    dense = engine_module._decode_all.lower(
+        lm.params, tiered._dense_cache(), tiered.banned, tiered.seen, tiered.history, jnp.ones((SLOTS,), bool),
+        jnp.zeros((SLOTS,), jnp.int32), jnp.full((SLOTS,), 3, jnp.int32), jnp.zeros((SLOTS,), jnp.int32),
+        tiered._row_params_for(tuple(range(SLOTS))), jnp.zeros((SLOTS,), jnp.uint32), cfg=lm.cfg, flags=flags).compile()
+    shapes = {jax.tree.leaves(c)[0].shape for c in tiered.caches}
+    assert len(shapes) == 2 and all(_cache_leaf_copies(dense.as_text(), shape) == 0 for shape in shapes)
 
 
 def test_a_request_with_non_finite_logits_fails_alone_and_writes_no_kv(lm):

@@ -105,14 +105,10 @@ class Attention(nn.Module):
 
         if cache is None:
             out = attend(q, k, v, where, cfg, full_sequence=True)
+        elif "tiers" in cache:
+            out, cache = _attend_tiers(q, k, v, positions, cache, cfg)
         else:
-            # Write the new keys/values at each row's own slots, then attend over the whole cache. The cache is
-            # heads-major (B, KV, S, D): the score and value dots batch over (B, KV) and read it in place (a
-            # (B, S, KV, D) cache was transposed whole, per layer and step, before each dot: 10-20x the dots).
-            start = positions[:, 0]
-            upd = jax.vmap(lambda c, u, i: lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), i, axis=1))
-            new_k, new_v = (jnp.swapaxes(t, 1, 2) for t in (k, v))  # (B, T, KV, D) -> (B, KV, T, D)
-            cache = {"k": upd(cache["k"], new_k, start), "v": upd(cache["v"], new_v, start)}
+            cache = _write_cache(cache, k, v, positions[:, 0])
             out = attend_cached(q, cache["k"].astype(dt), cache["v"].astype(dt), where, cfg)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         # An einsum, not a bare dot_general: qwix's LoRA and quantization rules intercept einsums and read the
@@ -123,6 +119,42 @@ class Attention(nn.Module):
         # contracts as (h, k) = the weight's own row-major order, so the dot reads it in place. Same math, same
         # params, same adapters (tests/test_llama.py checks the compiled step has no copy of the weight).
         return jnp.einsum("bthk,hke->bte", out, wo), cache  # (B, T, E)
+
+
+def _write_cache(cache: dict, k: Array, v: Array, start: Array) -> dict:
+    """Write the new keys/values k, v (B, T, KV, D) at each row's own positions start (B,) … start + T. The
+    cache is heads-major (B, KV, S, D): the score and value dots batch over (B, KV) and read it in place (a
+    (B, S, KV, D) cache was transposed whole, per layer and step, before each dot: 10-20x the dots)."""
+    upd = jax.vmap(lambda c, u, i: lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), i, axis=1))
+    new_k, new_v = (jnp.swapaxes(t, 1, 2) for t in (k, v))  # (B, T, KV, D) -> (B, KV, T, D)
+    return {"k": upd(cache["k"], new_k, start), "v": upd(cache["v"], new_v, start)}
+
+
+def cached_where(positions: Array, length: int) -> dict:
+    """The cached path's attention rule for queries at ``positions`` (B, T) over a cache of ``length``
+    positions: a query at position p reads cache positions <= p."""
+    B, T = positions.shape
+    return {"q_pos": positions, "kv_pos": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (B, length)),
+            "q_seg": jnp.ones((B, T), jnp.int32), "kv_seg": jnp.ones((B, length), jnp.int32)}
+
+
+def _attend_tiers(q: Array, k: Array, v: Array, positions: Array, cache: dict, cfg: LlamaConfig):
+    """The cached path over a tiered cache (:func:`tiered_cache`): the batch's rows are the tiers' rows in
+    order, and each tier's rows write and attend over their own cache only, so a step reads every tier's
+    length where it lies, not the longest one for every row. q (B, T, H, D), k, v (B, T, KV, D)."""
+    dt = dtype_of(cfg.dtype)
+    rows_held = sum(tier["k"].shape[0] for tier in cache["tiers"])
+    if rows_held != q.shape[0]:
+        raise ValueError(f"the tiered cache holds {rows_held} rows but the batch has {q.shape[0]}")
+    outs, tiers, first = [], [], 0
+    for tier in cache["tiers"]:
+        rows = slice(first, first + tier["k"].shape[0])
+        first = rows.stop
+        tier = _write_cache(tier, k[rows], v[rows], positions[rows, 0])
+        where = cached_where(positions[rows], tier["k"].shape[-2])
+        outs.append(attend_cached(q[rows], tier["k"].astype(dt), tier["v"].astype(dt), where, cfg))  # (b, T, H, D)
+        tiers.append(tier)
+    return jnp.concatenate(outs, axis=0), {"tiers": tiers}
 
 
 class MLP(nn.Module):
@@ -209,10 +241,8 @@ class Llama(nn.Module):
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids is for the full-sequence path; the cached path uses positions")
-            # cached: a query at position p reads cache slots <= p
-            S = cache_length(cache)
-            where = {"q_pos": positions, "kv_pos": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
-                     "q_seg": jnp.ones((B, T), jnp.int32), "kv_seg": jnp.ones((B, S), jnp.int32)}
+            # cached: a query at position p reads cache slots <= p (a tiered cache: per tier, in the layer)
+            where = None if is_tiered(cache) else cached_where(positions, cache_length(cache))
 
         block = _remat_block(cfg, self.layer_params)
         if cfg.scan_layers:
@@ -228,10 +258,10 @@ class Llama(nn.Module):
         else:
             new = []
             for i in range(cfg.num_hidden_layers):
-                layer_cache = None if cache is None else cache[i]
+                layer_cache = None if cache is None else _layer_cache(cache, i)
                 x, c = block(cfg, name=f"layers_{i}")(x, cos, sin, where, positions, layer_cache)
                 new.append(c)
-            cache = None if cache is None else new
+            cache = None if cache is None else _stack_layer_caches(new, tiered=is_tiered(cache))
 
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
@@ -274,6 +304,32 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
         shape = (cfg.num_hidden_layers,) + shape
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}  # two buffers: donatable
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+
+
+def tiered_cache(tiers: list) -> dict:
+    """Several caches (each from :func:`init_cache`, with its own rows and length) as ONE cache the model
+    runs on: the batch's rows are the tiers' rows in order, and each tier's rows attend over their own
+    length only. A server holding a few long rows and many short ones reads, per decode step, what the
+    rows hold rather than rows × the longest length (serve/engine.py)."""
+    return {"tiers": list(tiers)}
+
+
+def is_tiered(cache) -> bool:
+    return isinstance(cache, dict) and "tiers" in cache
+
+
+def _layer_cache(cache, i: int):
+    """Layer ``i``'s part of an unrolled-layers cache (a list of per-layer dicts, or tiers of such lists)."""
+    if is_tiered(cache):
+        return {"tiers": [tier[i] for tier in cache["tiers"]]}
+    return cache[i]
+
+
+def _stack_layer_caches(per_layer: list, tiered: bool):
+    """The per-layer outputs of the unrolled loop back in the input cache's structure."""
+    if not tiered:
+        return per_layer
+    return {"tiers": [[layer["tiers"][t] for layer in per_layer] for t in range(len(per_layer[0]["tiers"]))]}
 
 
 def cache_length(cache) -> int:
