@@ -1,9 +1,16 @@
 """The serving engine: a fixed number of decode slots, continuous batching, and a prefix cache.
 
-* **Slots.** The KV cache is the model's own cache (``models.llama.init_cache``) with batch = ``slots``
-  and one contiguous row of ``max_len`` positions per slot. Every compiled call gathers the rows it works
-  on (a power-of-two bucket of slot indices; padding rows index past the slots and are never written) over
-  the first ``window`` positions only, runs the model on that small cache and writes back what it wrote.
+* **Slots, in tiers.** The KV cache is the model's own cache (``models.llama.init_cache``): one contiguous
+  row of ``max_len`` positions per slot, or with ``short_slots`` two tiers (``Tier``), ``slots -
+  short_slots`` rows of ``max_len`` and ``short_slots`` rows of ``short_len``, one cache each. A request goes
+  to the shortest free slot that holds its prompt + max_tokens (``_admit``); a long one that finds no long
+  slot free waits at its place in the queue while later short ones start. Gathered calls stay within one
+  tier; the in-place step runs on both at once (``models.llama.tiered_cache``), each read over its own
+  length: at 135 M, 4 rows past a 1,000-token prefix beside 12 short rows, 16 × 1,152 positions took
+  156 ms per step and 4 × 1,152 + 12 × 256 104 ms (``bench/serve_bench.py --parts layout``).
+  A gathered call gathers the rows it works on (a power-of-two bucket of slot indices; padding rows index
+  past the slots and are never written) over the first ``window`` positions only, runs the model on that
+  small cache and writes back what it wrote.
   A finished or cancelled slot is free at the next scheduler iteration; the lowest free slot is used first.
 * **Batched, chunked prefill.** Each scheduler iteration prefills a chunk (≤ ``prefill_chunk`` tokens) of
   every admitted prompt, up to ``prefill_budget`` padded tokens (rows bucket × length). A call batches pieces
@@ -45,8 +52,9 @@
   cache in every decode step that paging costs without a custom attention kernel (XLA on CPU has none);
   under the load of the shared machine the two did not separate in our measurement (bench/RESULTS.md), so
   the choice rests on exactness and simplicity: a row is the model's own cache layout, read through the
-  public ``apply``/``init_cache`` API. What paging would add is memory: rows reserve ``max_len`` positions
-  per slot whatever the request needs.
+  public ``apply``/``init_cache`` API. What paging would add is memory and reads: rows reserve their
+  tier's length whatever the request needs, and the in-place step reads all of it; the short tier takes
+  back most of both for a mix of short and long requests.
 * **Attention window.** A call attends over the first ``window`` positions of its rows only: the smallest
   power of two (≥ ``MIN_WINDOW``) above its furthest position, each window one compile. At 135 M parameters,
   16 slots × 1,152 positions, a step over all positions took 2,972 ms and over a 128-position window 656 ms

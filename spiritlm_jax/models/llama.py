@@ -12,7 +12,9 @@ Two call paths share one module:
   slots given by ``positions`` (B, T) — per row, so a batch of prompts of different lengths decodes
   exactly as each prompt alone (right padding; each row's next slot is its own length). A query at
   position p attends to cache slots ≤ p; stale slots above p are never read. The updated cache is
-  returned: it is an explicit pytree, never hidden state.
+  returned: it is an explicit pytree, never hidden state. A tiered cache (``tiered_cache``: several caches of
+  different lengths, their rows the batch's rows in order) lets each group of rows attend over its own
+  length only (the server's short and long slots).
 
 Parameter shapes (logical axes in brackets), per layer:
   attn/q (embed, heads, head_dim)   attn/k, attn/v (embed, kv_heads, head_dim)   attn/o (heads, head_dim, embed)
