@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import platform
@@ -165,6 +166,23 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5, sh
         return tiered.caches
     mixed_tiered = timed(tiered_in_place)
     del tiered
+    # the floor of any 16-row step: the model alone (no sampling) over an 8-position cache, weights only
+    from spiritlm_jax.models.llama import init_cache
+    from spiritlm_jax.models.quantization import llama_module
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def model_step(params, cache, tok):
+        logits, cache = llama_module(cfg).apply({"params": params}, tok[:, None], positions=jnp.full_like(tok, 5)[:, None],
+                                                cache=cache)
+        return jnp.argmax(logits[:, 0], -1), cache
+
+    floor_state = {"cache": init_cache(cfg, slots, 8)}
+
+    def weights_only():
+        out, floor_state["cache"] = model_step(lm.params, floor_state["cache"], jnp.zeros((slots,), jnp.int32))
+        return out
+    floor = timed(weights_only)
+    del floor_state
     # a paged cache: a pool of pages and a page table per slot; every layer's K and V gathered per step
     n_pages = slots * max_len // page
     K, D = cfg.num_key_value_heads, cfg.head_dim_
@@ -214,7 +232,7 @@ def bench_layout(lm, slots: int, max_len: int, page: int = 16, reps: int = 5, sh
             "decode_step_window_128_s": windowed, "decode_step_in_place_s": dense,
             "mixed_4_long_gathered_s": mixed_gathered, "mixed_4_long_gathered_calls": mixed_groups,
             "mixed_4_long_in_place_s": mixed_dense, "short_slots": short_slots, "short_len": short_len,
-            "mixed_4_long_in_place_short_slots_s": mixed_tiered,
+            "mixed_4_long_in_place_short_slots_s": mixed_tiered, "model_step_weights_only_s": floor,
             "paged_gather_overhead_per_step_s": max(0.0, gather), "prefix_copy_1000_s": max(0.0, with_copy - without),
             "kv_cache_bytes": kv_bytes}
 
@@ -575,7 +593,8 @@ def main(argv=None) -> int:
               f"{r['decode_step_in_place_s'] * 1e3:.1f} ms; with 4 rows past the 1,000-token prefix: gathered "
               f"(calls of {r['mixed_4_long_gathered_calls']} rows) {r['mixed_4_long_gathered_s'] * 1e3:.1f} ms, in place "
               f"{r['mixed_4_long_in_place_s'] * 1e3:.1f} ms, in place with {r['short_slots']} short slots of "
-              f"{r['short_len']} {r['mixed_4_long_in_place_short_slots_s'] * 1e3:.1f} ms; "
+              f"{r['short_len']} {r['mixed_4_long_in_place_short_slots_s'] * 1e3:.1f} ms; the model alone over an "
+              f"8-position cache (the weights' floor) {r['model_step_weights_only_s'] * 1e3:.1f} ms; "
               f"a paged cache's extra gather per step {r['paged_gather_overhead_per_step_s'] * 1e3:.1f} ms; copying a cached "
               f"1,000-token prefix into a slot {r['prefix_copy_1000_s'] * 1e3:.2f} ms once per request "
               f"(load {load_average()})", flush=True)
