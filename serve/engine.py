@@ -24,7 +24,7 @@
     minimising the cost: the weights once per call, the KV of rows bucket × window, copied out first, per
     call), so a step with 3 short live slots runs a batch of 4 over a 128-position window;
   - *in place* (``_decode_all``): every slot, free and prefilling ones included, on the cache where it lies,
-    over all ``max_len`` positions: no copy at all (XLA:CPU's dots read a whole cache leaf in place at
+    over all its tier's positions: no copy at all (XLA:CPU's dots read a whole cache leaf in place at
     ~22 GB/s, while a gathered window's copy ran at 1.3-4.6 GB/s: ``bench/kv_read_bench.py``). At 135 M
     with 16 slots × 1,152, a step of 12 short rows and 4 rows past a 1,000-token few-shot prefix took
     249 ms gathered (two calls) and 120 ms in place; 16 short rows 82 ms gathered (at the 128 window) and
@@ -389,8 +389,8 @@ def _decode_step(params, cache, banned, seen, history, idx, slot, token, positio
 @functools.partial(jax.jit, static_argnames=("cfg", "flags"), donate_argnums=(1, 3, 4))
 def _decode_all(params, cache, banned, seen, history, live, token, position, counter, rows, seeds, *,
                 cfg: LlamaConfig, flags: ProcessorFlags):
-    """ONE step of EVERY slot on the cache where it lies: no gather, no write-back; attention reads all
-    ``max_len`` positions of every slot in place (the model's own cached path, as offline ``generate``).
+    """ONE step of EVERY slot on the cache where it lies: no gather, no write-back; attention reads every
+    position of every slot's tier in place (the model's own cached path, as offline ``generate``).
 
     ``cache``: the engine's tiers (``tiered_cache``; one tier is a plain cache), rows in slot order, each
     tier read over its own length. ``live`` (slots,) marks the decoding slots; the engine feeds every other
