@@ -267,8 +267,10 @@ def test_prefix_cache_hash_chain_and_eviction():
     assert cache.nbytes <= cache.budget
 
 
-def test_slots_sharded_over_a_mesh_give_the_same_greedy_output(lm):
-    """Slots split over the mesh's data axis (the cache is sharded like activations; params replicated)."""
+@pytest.mark.parametrize("short_slots", [0, 2])
+def test_slots_sharded_over_a_mesh_give_the_same_greedy_output(lm, short_slots):
+    """Slots split over the mesh's data axis (the cache is sharded like activations; params replicated), with
+    one tier and with two (each tier's cache sharded over the axis; the in-place step over both)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -276,10 +278,14 @@ def test_slots_sharded_over_a_mesh_give_the_same_greedy_output(lm):
 
     mesh = make_mesh((2, 1, 1), jax.devices()[:2])
     params = jax.device_put(lm.params, NamedSharding(mesh, PartitionSpec()))
-    engine = Engine(lm.cfg, params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, mesh=mesh)
+    engine = Engine(lm.cfg, params, slots=SLOTS, max_len=MAX_LEN, eos_id=2, mesh=mesh, short_slots=short_slots,
+                    short_len=64)
+    if short_slots:
+        _always_dense(engine)
     prompts = [[1, 7, 8, 9], [1, 20, 21], [1, 30, 31, 32, 33, 34]]
     got = engine.run_to_completion([Request(p, 12) for p in prompts])
     assert got == generate(lm.cfg, lm.params, prompts, SamplingConfig(max_new_tokens=12), eos_id=2)[0]
+    assert all(len(leaf.sharding.device_set) == 2 for leaf in jax.tree.leaves(engine.caches))
 
 
 def _cache_leaf_copies(compiled_text: str, leaf_shape: tuple[int, ...]) -> int:
